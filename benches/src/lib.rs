@@ -1,0 +1,1 @@
+//! Criterion benchmarks live in `benches/`; see the README for what each group measures.

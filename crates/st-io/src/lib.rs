@@ -1,0 +1,35 @@
+//! `st-io`: safetensors checkpoints on disk, with no GPU in sight.
+//!
+//! What it does:
+//! - opens a `.safetensors` file or a Hugging Face model folder (one file, or shards with
+//!   `model.safetensors.index.json`) memory-mapped, with zero-copy tensor views
+//!   ([`Checkpoint`]);
+//! - validates strictly: every malformed header, offset, index or config is a distinct
+//!   [`Error`] naming the file and the tensor or field, never a panic ([`Header::parse`]);
+//! - reads the `config.json` facts placement and merging need ([`ModelConfig`]);
+//! - groups tensors into placement units in model order ([`layout::group`]);
+//! - writes sharded checkpoints in a single streaming pass, atomically ([`ShardWriter`]);
+//! - converts F32/F16/BF16 to F16/BF16 with one rounding ([`convert()`]).
+//!
+//! What it deliberately does not do: talk to GPUs, decide placement, merge adapters, or read
+//! PyTorch pickle files (they can run code when loaded).
+
+pub mod checkpoint;
+pub mod config;
+pub mod convert;
+pub mod dtype;
+pub mod error;
+pub mod header;
+pub mod layout;
+pub mod size;
+pub mod writer;
+
+pub use checkpoint::{Checkpoint, LayoutKind, Problem, ShardFile, ShardIndex, TensorInfo};
+pub use config::{ModelConfig, QuantKind, QuantizationConfig};
+pub use convert::convert;
+pub use dtype::Dtype;
+pub use error::{Error, Result};
+pub use header::{Header, HeaderTensor};
+pub use layout::{ModelLayout, PlacementUnit, UnitKind};
+pub use size::{format_binary, format_decimal, parse_size};
+pub use writer::{ShardWriter, TensorSpec, WriteSummary, WriterOptions};

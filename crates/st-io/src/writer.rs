@@ -1,0 +1,560 @@
+//! A streaming sharded writer for safetensors checkpoints.
+//!
+//! The caller declares every tensor (name, dtype, shape) up front, so each shard's header is
+//! known before its first data byte; then the tensors' bytes arrive in that order and each byte
+//! is written once, sequentially, through a large buffer. Shards are split with the rule of
+//! `huggingface_hub.split_state_dict_into_shards` (used by transformers' `save_pretrained`):
+//! in order, start a new shard when the next tensor would take the current one past the
+//! maximum; a tensor larger than the maximum gets a shard of its own. One shard is written as
+//! `model.safetensors` with no index, several as `model-0000i-of-0000N.safetensors` plus
+//! `model.safetensors.index.json`.
+//!
+//! Everything is written in a hidden temporary folder beside the destination, synced, and
+//! renamed into place by [`ShardWriter::finish`]; dropping an unfinished writer removes it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{INDEX_FILE_NAME, SINGLE_FILE_NAME};
+use crate::dtype::{element_count, Dtype};
+use crate::error::{Error, Result};
+use crate::header::{encode_header, HeaderTensor};
+
+/// The default maximum shard size: 5 GB, the size the Hub recommends and that transformers 4.x,
+/// peft and unsloth write.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// A tensor to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+}
+
+impl TensorSpec {
+    pub fn new(name: impl Into<String>, dtype: Dtype, shape: impl Into<Vec<u64>>) -> Self {
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape: shape.into(),
+        }
+    }
+
+    /// Byte size, or `None` when the shape overflows or is not a whole number of bytes.
+    pub fn bytes(&self) -> Option<u64> {
+        element_count(&self.shape).and_then(|n| self.dtype.bytes_for(n))
+    }
+}
+
+/// One output file of a [`ShardPlan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedShard {
+    pub file_name: String,
+    /// Indices into the tensor specs, in the order they are written.
+    pub tensors: Vec<usize>,
+    /// Bytes of tensor data (the file adds its header).
+    pub data_bytes: u64,
+}
+
+/// Which tensor goes to which file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub shards: Vec<PlannedShard>,
+    pub total_bytes: u64,
+}
+
+/// Splits tensors into shards with transformers' rule (see the module docs). Pure.
+pub fn plan_shards(specs: &[TensorSpec], max_shard_bytes: u64) -> Result<ShardPlan> {
+    let mut names = HashSet::new();
+    let mut shard_lists: Vec<(Vec<usize>, u64)> = Vec::new();
+    let mut current: (Vec<usize>, u64) = (Vec::new(), 0);
+    let mut total_bytes = 0u64;
+    for (i, spec) in specs.iter().enumerate() {
+        if !names.insert(spec.name.as_str()) {
+            return Err(Error::WriterMisuse {
+                message: format!("tensor \"{}\" is declared twice", spec.name),
+            });
+        }
+        let bytes = spec.bytes().ok_or_else(|| Error::WriterMisuse {
+            message: format!(
+                "tensor \"{}\": shape {:?} of {} is too large or not a whole number of bytes",
+                spec.name, spec.shape, spec.dtype
+            ),
+        })?;
+        total_bytes = total_bytes
+            .checked_add(bytes)
+            .ok_or_else(|| Error::WriterMisuse {
+                message: "total size overflows".into(),
+            })?;
+        if bytes > max_shard_bytes {
+            shard_lists.push((vec![i], bytes));
+            continue;
+        }
+        if current.1 + bytes > max_shard_bytes {
+            shard_lists.push(std::mem::take(&mut current));
+        }
+        current.0.push(i);
+        current.1 += bytes;
+    }
+    if !current.0.is_empty() || shard_lists.is_empty() {
+        shard_lists.push(current);
+    }
+    let n = shard_lists.len();
+    let shards = shard_lists
+        .into_iter()
+        .enumerate()
+        .map(|(i, (tensors, data_bytes))| PlannedShard {
+            file_name: if n == 1 {
+                SINGLE_FILE_NAME.to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+            },
+            tensors,
+            data_bytes,
+        })
+        .collect();
+    Ok(ShardPlan {
+        shards,
+        total_bytes,
+    })
+}
+
+/// Options of a [`ShardWriter`].
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Maximum bytes of tensor data per shard (default 5 GB).
+    pub max_shard_bytes: u64,
+    /// Replace an existing destination (otherwise it is refused).
+    pub replace_existing: bool,
+    /// `__metadata__` of every shard (default `{"format": "pt"}`, as transformers writes).
+    pub metadata: Vec<(String, String)>,
+    /// Write buffer size; larger tensors are written straight through.
+    pub buffer_bytes: usize,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            replace_existing: false,
+            metadata: vec![("format".into(), "pt".into())],
+            buffer_bytes: 16 << 20,
+        }
+    }
+}
+
+/// What [`ShardWriter::finish`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteSummary {
+    pub dest: PathBuf,
+    /// Every file written (shards, index, extra files) with its size.
+    pub files: Vec<(String, u64)>,
+    /// Bytes of tensor data.
+    pub tensor_bytes: u64,
+}
+
+/// Where a declared tensor goes.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    shard: usize,
+    bytes: u64,
+}
+
+enum ShardState {
+    NotStarted,
+    Open(BufWriter<File>),
+    Done,
+}
+
+/// The streaming sharded writer (see the module docs).
+pub struct ShardWriter {
+    dest: PathBuf,
+    tmp: PathBuf,
+    options: WriterOptions,
+    specs: Vec<TensorSpec>,
+    plan: ShardPlan,
+    slots: Vec<Slot>,
+    /// Tensors of each shard still to come.
+    remaining: Vec<usize>,
+    states: Vec<ShardState>,
+    next: usize,
+    extra_files: Vec<(String, u64)>,
+    finished: bool,
+}
+
+impl ShardWriter {
+    /// Plans the shards and creates the temporary folder. Fails if `dest` exists and
+    /// `options.replace_existing` is not set.
+    pub fn create(
+        dest: impl AsRef<Path>,
+        specs: Vec<TensorSpec>,
+        options: WriterOptions,
+    ) -> Result<ShardWriter> {
+        let dest = dest.as_ref().to_path_buf();
+        if options.max_shard_bytes == 0 {
+            return Err(Error::WriterMisuse {
+                message: "the maximum shard size must be more than 0 bytes".into(),
+            });
+        }
+        if dest.exists() && !options.replace_existing {
+            return Err(Error::DestinationExists { path: dest });
+        }
+        let plan = plan_shards(&specs, options.max_shard_bytes)?;
+        let tmp = temporary_sibling(&dest, "tmp")?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut slots = vec![Slot { shard: 0, bytes: 0 }; specs.len()];
+        for (s, shard) in plan.shards.iter().enumerate() {
+            for &t in &shard.tensors {
+                slots[t] = Slot {
+                    shard: s,
+                    bytes: specs[t].bytes().unwrap_or(0),
+                };
+            }
+        }
+        let remaining = plan.shards.iter().map(|s| s.tensors.len()).collect();
+        let states = plan.shards.iter().map(|_| ShardState::NotStarted).collect();
+        Ok(ShardWriter {
+            dest,
+            tmp,
+            options,
+            specs,
+            plan,
+            slots,
+            remaining,
+            states,
+            next: 0,
+            extra_files: Vec::new(),
+            finished: false,
+        })
+    }
+
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    /// The tensor whose bytes must come next, if any.
+    pub fn next_tensor(&self) -> Option<&TensorSpec> {
+        self.specs.get(self.next)
+    }
+
+    /// Writes the next tensor's bytes.
+    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write_tensor_with(name, |sink| sink.write_all(bytes))
+    }
+
+    /// Writes the next tensor by letting `produce` stream its bytes into a sink (convert or
+    /// merge straight into the output buffer, with no intermediate copy of the tensor). The
+    /// sink refuses bytes beyond the tensor's size; fewer bytes than its size is an error.
+    pub fn write_tensor_with<F, E>(&mut self, name: &str, produce: F) -> Result<()>
+    where
+        F: FnOnce(&mut TensorSink<'_>) -> std::result::Result<(), E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Some(spec) = self.specs.get(self.next) else {
+            return Err(Error::WriterMisuse {
+                message: format!(
+                    "tensor \"{name}\" was given but every declared tensor is written"
+                ),
+            });
+        };
+        if spec.name != name {
+            return Err(Error::WriterMisuse {
+                message: format!(
+                    "tensor \"{name}\" was given but \"{}\" comes next in the declared order",
+                    spec.name
+                ),
+            });
+        }
+        let slot = self.slots[self.next];
+        let writer = self.shard_writer(slot.shard)?;
+        let mut sink = TensorSink {
+            out: writer,
+            expected: slot.bytes,
+            written: 0,
+            error: None,
+        };
+        let produced = produce(&mut sink);
+        let (written, io_error) = (sink.written, sink.error.take());
+        if let Some(e) = io_error {
+            return Err(Error::io(
+                self.tmp.join(&self.plan.shards[slot.shard].file_name),
+                e,
+            ));
+        }
+        let spec = &self.specs[self.next];
+        if let Err(e) = produced {
+            if written > slot.bytes {
+                return Err(self.wrong_bytes(written));
+            }
+            return Err(Error::Producer {
+                tensor: spec.name.clone(),
+                source: e.into(),
+            });
+        }
+        if written != slot.bytes {
+            return Err(self.wrong_bytes(written));
+        }
+        self.next += 1;
+        self.remaining[slot.shard] -= 1;
+        if self.remaining[slot.shard] == 0 {
+            self.close_shard(slot.shard)?;
+        }
+        Ok(())
+    }
+
+    fn wrong_bytes(&self, found: u64) -> Error {
+        let spec = &self.specs[self.next];
+        Error::WrongTensorBytes {
+            tensor: spec.name.clone(),
+            dtype: spec.dtype.to_string(),
+            shape: spec.shape.clone(),
+            expected: self.slots[self.next].bytes,
+            found,
+        }
+    }
+
+    /// Opens the shard on first use and writes its header.
+    fn shard_writer(&mut self, shard: usize) -> Result<&mut BufWriter<File>> {
+        if let ShardState::NotStarted = self.states[shard] {
+            let planned = &self.plan.shards[shard];
+            let path = self.tmp.join(&planned.file_name);
+            let mut offset = 0;
+            let entries: Vec<HeaderTensor> = planned
+                .tensors
+                .iter()
+                .map(|&t| {
+                    let begin = offset;
+                    offset += self.slots[t].bytes;
+                    HeaderTensor {
+                        name: self.specs[t].name.clone(),
+                        dtype: self.specs[t].dtype,
+                        shape: self.specs[t].shape.clone(),
+                        begin,
+                        end: offset,
+                    }
+                })
+                .collect();
+            let header = encode_header(&self.options.metadata, &entries);
+            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            // Reserve the whole file up front: fewer metadata updates, early ENOSPC.
+            let _ = file.set_len(header.len() as u64 + planned.data_bytes);
+            let mut out = BufWriter::with_capacity(self.options.buffer_bytes, file);
+            out.write_all(&header).map_err(|e| Error::io(&path, e))?;
+            self.states[shard] = ShardState::Open(out);
+        }
+        match &mut self.states[shard] {
+            ShardState::Open(out) => Ok(out),
+            _ => Err(Error::WriterMisuse {
+                message: format!(
+                    "shard {} was already closed",
+                    self.plan.shards[shard].file_name
+                ),
+            }),
+        }
+    }
+
+    fn close_shard(&mut self, shard: usize) -> Result<()> {
+        let path = self.tmp.join(&self.plan.shards[shard].file_name);
+        if let ShardState::Open(out) = std::mem::replace(&mut self.states[shard], ShardState::Done)
+        {
+            let file = out
+                .into_inner()
+                .map_err(|e| Error::io(&path, e.into_error()))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Adds a non-weight file (config, tokenizer, card) to the output folder.
+    pub fn add_file(&mut self, name: &str, contents: &[u8]) -> Result<()> {
+        self.check_extra_name(name)?;
+        let path = self.tmp.join(name);
+        let mut file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        file.write_all(contents).map_err(|e| Error::io(&path, e))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        self.extra_files
+            .push((name.to_string(), contents.len() as u64));
+        Ok(())
+    }
+
+    fn check_extra_name(&self, name: &str) -> Result<()> {
+        let plain = !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != "..";
+        let taken = name == INDEX_FILE_NAME
+            || self.plan.shards.iter().any(|s| s.file_name == name)
+            || self.extra_files.iter().any(|(n, _)| n == name);
+        if !plain || taken {
+            return Err(Error::WriterMisuse {
+                message: format!(
+                    "extra file \"{name}\" must be a plain file name not used by a shard, the index or another file"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the index, syncs, and moves the folder into place. Fails, leaving no
+    /// destination behind, if any declared tensor was not written.
+    pub fn finish(mut self) -> Result<WriteSummary> {
+        if let Some(missing) = self.specs.get(self.next) {
+            return Err(Error::WriterMisuse {
+                message: format!(
+                    "finish called with {} tensor(s) unwritten, starting with \"{}\"",
+                    self.specs.len() - self.next,
+                    missing.name
+                ),
+            });
+        }
+        // Shards with no tensors (an empty checkpoint) still get their header.
+        for s in 0..self.plan.shards.len() {
+            if let ShardState::NotStarted = self.states[s] {
+                self.shard_writer(s)?;
+                self.close_shard(s)?;
+            }
+        }
+        let mut files = Vec::new();
+        for shard in &self.plan.shards {
+            let path = self.tmp.join(&shard.file_name);
+            let len = std::fs::metadata(&path)
+                .map_err(|e| Error::io(&path, e))?
+                .len();
+            files.push((shard.file_name.clone(), len));
+        }
+        if self.plan.shards.len() > 1 {
+            let index = self.index_json();
+            let path = self.tmp.join(INDEX_FILE_NAME);
+            let mut file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            file.write_all(index.as_bytes())
+                .map_err(|e| Error::io(&path, e))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            files.push((INDEX_FILE_NAME.to_string(), index.len() as u64));
+        }
+        files.extend(self.extra_files.iter().cloned());
+        sync_dir(&self.tmp)?;
+        if self.dest.exists() {
+            if !self.options.replace_existing {
+                return Err(Error::DestinationExists {
+                    path: self.dest.clone(),
+                });
+            }
+            let old = temporary_sibling(&self.dest, "old")?;
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
+            std::fs::rename(&self.dest, &old).map_err(|e| Error::io(&self.dest, e))?;
+            std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+            let removed = if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
+            removed.map_err(|e| Error::io(&old, e))?;
+        } else {
+            std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        }
+        self.finished = true;
+        if let Some(parent) = self.dest.parent() {
+            sync_dir(if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            })?;
+        }
+        Ok(WriteSummary {
+            dest: self.dest.clone(),
+            files,
+            tensor_bytes: self.plan.total_bytes,
+        })
+    }
+
+    /// `model.safetensors.index.json` as transformers writes it (sorted keys, 2-space indent).
+    fn index_json(&self) -> String {
+        let mut weight_map = BTreeMap::new();
+        for shard in &self.plan.shards {
+            for &t in &shard.tensors {
+                weight_map.insert(self.specs[t].name.as_str(), shard.file_name.as_str());
+            }
+        }
+        let index = serde_json::json!({
+            "metadata": { "total_size": self.plan.total_bytes },
+            "weight_map": weight_map,
+        });
+        // Serialising a json! value built from strings and integers cannot fail.
+        let mut text = serde_json::to_string_pretty(&index).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Receives one tensor's bytes; see [`ShardWriter::write_tensor_with`].
+pub struct TensorSink<'a> {
+    out: &'a mut BufWriter<File>,
+    expected: u64,
+    written: u64,
+    error: Option<std::io::Error>,
+}
+
+impl TensorSink<'_> {
+    /// Bytes still expected.
+    pub fn remaining(&self) -> u64 {
+        self.expected.saturating_sub(self.written)
+    }
+}
+
+impl Write for TensorSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written + buf.len() as u64 > self.expected {
+            self.written += buf.len() as u64;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "more bytes than the tensor's declared size",
+            ));
+        }
+        match self.out.write_all(buf) {
+            Ok(()) => {
+                self.written += buf.len() as u64;
+                Ok(buf.len())
+            }
+            Err(e) => {
+                let kind = e.kind();
+                self.error = Some(e);
+                Err(std::io::Error::new(kind, "write failed"))
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `.<name>.weightsmith-<what>-<pid>` beside `dest`: hidden, so it never looks like a result.
+fn temporary_sibling(dest: &Path, what: &str) -> Result<PathBuf> {
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::WriterMisuse {
+            message: format!("destination {} has no usable folder name", dest.display()),
+        })?;
+    let sibling = format!(".{name}.weightsmith-{what}-{}", std::process::id());
+    Ok(dest.with_file_name(sibling))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
