@@ -1,1 +1,70 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: where the repository's fixtures are, and how to run the
+//! `weightsmith` binary that the workspace builds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository root")
+        .to_path_buf()
+}
+
+/// A path under `fixtures/`.
+pub fn fixture(relative: &str) -> PathBuf {
+    repo_root().join("fixtures").join(relative)
+}
+
+/// The names of the tiny model fixtures (`fixtures/models/<name>/`).
+pub const MODELS: &[&str] = &[
+    "tiny-gemma",
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-mistral",
+    "tiny-mixtral",
+    "tiny-phi3",
+    "tiny-qwen2",
+];
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `weightsmith` binary of this workspace's target directory, built if missing.
+pub fn weightsmith_bin() -> PathBuf {
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("weightsmith");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo_root())
+            .args(["build", "-p", "weightsmith", "--bin", "weightsmith"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the weightsmith binary failed");
+    }
+    bin
+}
+
+/// Runs `weightsmith ARGS` and returns its output.
+pub fn weightsmith(args: &[&str]) -> Output {
+    Command::new(weightsmith_bin())
+        .args(args)
+        .output()
+        .expect("run weightsmith")
+}
