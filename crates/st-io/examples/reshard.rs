@@ -31,13 +31,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--max-shard-size" => {
-                options.max_shard_bytes = parse_size(&args.next().ok_or("--max-shard-size needs a value")?)?
+                options.max_shard_bytes =
+                    parse_size(&args.next().ok_or("--max-shard-size needs a value")?)?
             }
             "--dtype" => {
                 dtype = Some(match args.next().as_deref() {
                     Some("bf16") => Dtype::BF16,
                     Some("f16") => Dtype::F16,
-                    other => return Err(format!("--dtype must be bf16 or f16, not {other:?}").into()),
+                    other => {
+                        return Err(format!("--dtype must be bf16 or f16, not {other:?}").into())
+                    }
                 })
             }
             "--force" => options.replace_existing = true,
@@ -45,7 +48,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let [src, dest] = positional.as_slice() else {
-        return Err("usage: reshard SRC DEST [--max-shard-size 5GB] [--dtype bf16|f16] [--force]".into());
+        return Err(
+            "usage: reshard SRC DEST [--max-shard-size 5GB] [--dtype bf16|f16] [--force]".into(),
+        );
     };
     let started = Instant::now();
     let checkpoint = Checkpoint::open(src)?;
@@ -69,7 +74,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let root = checkpoint.root();
-    let folder = if root.is_dir() { root.to_path_buf() } else { root.parent().unwrap_or(root).to_path_buf() };
+    let folder = if root.is_dir() {
+        root.to_path_buf()
+    } else {
+        root.parent().unwrap_or(root).to_path_buf()
+    };
     for name in ["config.json", "generation_config.json"] {
         if let Ok(bytes) = std::fs::read(folder.join(name)) {
             writer.add_file(name, &bytes)?;

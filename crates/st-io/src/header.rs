@@ -173,7 +173,7 @@ fn validate(file: &Path, header_len: u64, data_len: u64, raw: RawHeader) -> Resu
     for (name, value) in raw.tensors {
         tensors.push(parse_tensor(file, name, value, data_len)?);
     }
-    tensors.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    tensors.sort_by_key(|t| (t.begin, t.end));
     check_coverage(file, &tensors, data_len)?;
     Ok(Header {
         header_len,

@@ -133,6 +133,10 @@ pub struct WriterOptions {
     pub metadata: Vec<(String, String)>,
     /// Write buffer size; larger tensors are written straight through.
     pub buffer_bytes: usize,
+    /// Flush every file and folder to stable storage before the final rename (default). Turn
+    /// off only for scratch outputs: a crash may then leave a complete-looking folder whose
+    /// files are not on disk yet.
+    pub sync: bool,
 }
 
 impl Default for WriterOptions {
@@ -142,6 +146,7 @@ impl Default for WriterOptions {
             replace_existing: false,
             metadata: vec![("format".into(), "pt".into())],
             buffer_bytes: 16 << 20,
+            sync: true,
         }
     }
 }
@@ -377,7 +382,9 @@ impl ShardWriter {
         let path = self.tmp.join(name);
         let mut file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         file.write_all(contents).map_err(|e| Error::io(&path, e))?;
-        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        if self.options.sync {
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        }
         self.extra_files
             .push((name.to_string(), contents.len() as u64));
         Ok(())
@@ -435,7 +442,9 @@ impl ShardWriter {
             files.push((INDEX_FILE_NAME.to_string(), index.len() as u64));
         }
         files.extend(self.extra_files.iter().cloned());
-        sync_dir(&self.tmp)?;
+        if self.options.sync {
+            sync_dir(&self.tmp)?;
+        }
         if self.dest.exists() {
             if !self.options.replace_existing {
                 return Err(Error::DestinationExists {
@@ -458,7 +467,7 @@ impl ShardWriter {
             std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         }
         self.finished = true;
-        if let Some(parent) = self.dest.parent() {
+        if let Some(parent) = self.dest.parent().filter(|_| self.options.sync) {
             sync_dir(if parent.as_os_str().is_empty() {
                 Path::new(".")
             } else {

@@ -29,8 +29,10 @@ fn write_st(path: &Path, tensors: &[(&str, u64)]) {
 }
 
 fn write_index(dir: &Path, total: u64, map: &[(&str, &str)]) {
-    let weight_map: serde_json::Map<String, serde_json::Value> =
-        map.iter().map(|(t, f)| (t.to_string(), serde_json::Value::String(f.to_string()))).collect();
+    let weight_map: serde_json::Map<String, serde_json::Value> = map
+        .iter()
+        .map(|(t, f)| (t.to_string(), serde_json::Value::String(f.to_string())))
+        .collect();
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
@@ -41,19 +43,35 @@ const CONFIG: &str = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llam
 fn sharded(dir: &Path) {
     write_st(
         &dir.join("model-00001-of-00002.safetensors"),
-        &[("model.embed_tokens.weight", 16), ("model.layers.0.mlp.weight", 8)],
+        &[
+            ("model.embed_tokens.weight", 16),
+            ("model.layers.0.mlp.weight", 8),
+        ],
     );
     write_st(
         &dir.join("model-00002-of-00002.safetensors"),
-        &[("model.layers.1.mlp.weight", 8), ("model.norm.weight", 2), ("lm_head.weight", 16)],
+        &[
+            ("model.layers.1.mlp.weight", 8),
+            ("model.norm.weight", 2),
+            ("lm_head.weight", 16),
+        ],
     );
     write_index(
         dir,
         50,
         &[
-            ("model.embed_tokens.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.0.mlp.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.1.mlp.weight", "model-00002-of-00002.safetensors"),
+            (
+                "model.embed_tokens.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.0.mlp.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.1.mlp.weight",
+                "model-00002-of-00002.safetensors",
+            ),
             ("model.norm.weight", "model-00002-of-00002.safetensors"),
             ("lm_head.weight", "model-00002-of-00002.safetensors"),
         ],
@@ -87,7 +105,10 @@ fn opens_a_sharded_folder_with_zero_copy_views() {
 #[test]
 fn opens_single_file_folders_and_files() {
     let dir = tempfile::tempdir().unwrap();
-    write_st(&dir.path().join("model.safetensors"), &[("transformer.wte.weight", 4)]);
+    write_st(
+        &dir.path().join("model.safetensors"),
+        &[("transformer.wte.weight", 4)],
+    );
     let c = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(c.kind(), LayoutKind::Folder);
     assert!(c.problems()[0].message.contains("no config.json"));
@@ -95,8 +116,14 @@ fn opens_single_file_folders_and_files() {
     assert_eq!(c.kind(), LayoutKind::SingleFile);
     // A folder with one differently named safetensors file.
     let other = tempfile::tempdir().unwrap();
-    write_st(&other.path().join("consolidated.safetensors"), &[("tok_embeddings.weight", 4)]);
-    assert_eq!(Checkpoint::open(other.path()).unwrap().files()[0].name, "consolidated.safetensors");
+    write_st(
+        &other.path().join("consolidated.safetensors"),
+        &[("tok_embeddings.weight", 4)],
+    );
+    assert_eq!(
+        Checkpoint::open(other.path()).unwrap().files()[0].name,
+        "consolidated.safetensors"
+    );
 }
 
 #[test]
@@ -107,12 +134,20 @@ fn rejects_folders_without_usable_weights() {
     std::fs::write(dir.path().join("pytorch_model.bin"), b"pickle").unwrap();
     let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
     assert!(e.contains("convert them to safetensors"), "{e}");
-    let e = Checkpoint::open(dir.path().join("pytorch_model.bin")).unwrap_err().to_string();
-    assert!(e.contains("pytorch_model.bin: PyTorch pickle weights are not read"), "{e}");
+    let e = Checkpoint::open(dir.path().join("pytorch_model.bin"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pytorch_model.bin: PyTorch pickle weights are not read"),
+        "{e}"
+    );
     write_st(&dir.path().join("a.safetensors"), &[("x", 1)]);
     write_st(&dir.path().join("b.safetensors"), &[("y", 1)]);
     let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("2 .safetensors files and no model.safetensors.index.json"), "{e}");
+    assert!(
+        e.contains("2 .safetensors files and no model.safetensors.index.json"),
+        "{e}"
+    );
     let e = Checkpoint::open(dir.path().join("missing")).unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
     assert!(e.to_string().ends_with("missing: no such file or folder"));
@@ -124,8 +159,15 @@ fn rejects_an_index_naming_a_missing_shard() {
     sharded(dir.path());
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let e = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(e, Error::MissingShard { ref shard, .. } if shard == "model-00002-of-00002.safetensors"), "{e}");
-    assert!(e.to_string().contains("(named for tensor \"lm_head.weight\") does not exist"), "{e}");
+    assert!(
+        matches!(e, Error::MissingShard { ref shard, .. } if shard == "model-00002-of-00002.safetensors"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("(named for tensor \"lm_head.weight\") does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -136,16 +178,31 @@ fn rejects_a_tensor_missing_from_its_shard() {
         dir.path(),
         50,
         &[
-            ("model.embed_tokens.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.0.mlp.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.1.mlp.weight", "model-00002-of-00002.safetensors"),
+            (
+                "model.embed_tokens.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.0.mlp.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.1.mlp.weight",
+                "model-00002-of-00002.safetensors",
+            ),
             ("model.norm.weight", "model-00002-of-00002.safetensors"),
             ("lm_head.weight", "model-00002-of-00002.safetensors"),
-            ("model.layers.2.mlp.weight", "model-00002-of-00002.safetensors"),
+            (
+                "model.layers.2.mlp.weight",
+                "model-00002-of-00002.safetensors",
+            ),
         ],
     );
     let e = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(e, Error::TensorMissingFromShard { ref tensor, .. } if tensor == "model.layers.2.mlp.weight"), "{e}");
+    assert!(
+        matches!(e, Error::TensorMissingFromShard { ref tensor, .. } if tensor == "model.layers.2.mlp.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -156,9 +213,18 @@ fn rejects_a_shard_tensor_absent_from_the_index_or_mapped_elsewhere() {
         dir.path(),
         50,
         &[
-            ("model.embed_tokens.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.0.mlp.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.1.mlp.weight", "model-00002-of-00002.safetensors"),
+            (
+                "model.embed_tokens.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.0.mlp.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.1.mlp.weight",
+                "model-00002-of-00002.safetensors",
+            ),
             ("model.norm.weight", "model-00002-of-00002.safetensors"),
         ],
     );
@@ -174,15 +240,27 @@ fn rejects_a_shard_tensor_absent_from_the_index_or_mapped_elsewhere() {
         dir.path(),
         50,
         &[
-            ("model.embed_tokens.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.0.mlp.weight", "model-00002-of-00002.safetensors"),
-            ("model.layers.1.mlp.weight", "model-00002-of-00002.safetensors"),
+            (
+                "model.embed_tokens.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.0.mlp.weight",
+                "model-00002-of-00002.safetensors",
+            ),
+            (
+                "model.layers.1.mlp.weight",
+                "model-00002-of-00002.safetensors",
+            ),
             ("model.norm.weight", "model-00002-of-00002.safetensors"),
             ("lm_head.weight", "model-00002-of-00002.safetensors"),
         ],
     );
     let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("(the index maps it to \"model-00002-of-00002.safetensors\")"), "{e}");
+    assert!(
+        e.contains("(the index maps it to \"model-00002-of-00002.safetensors\")"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -203,13 +281,21 @@ fn rejects_shard_names_that_leave_the_folder() {
         assert!(e.to_string().contains(reason), "{name}: {e}");
     }
     // A symlink pointing out of the folder.
-    std::os::unix::fs::symlink(dir.path().join("outside.safetensors"), model.join("link.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        dir.path().join("outside.safetensors"),
+        model.join("link.safetensors"),
+    )
+    .unwrap();
     write_index(&model, 1, &[("x", "link.safetensors")]);
     let e = Checkpoint::open(&model).unwrap_err();
     assert!(e.to_string().contains("a symlink out of the folder"), "{e}");
     // The same through the single-file layout.
     std::fs::remove_file(model.join("model.safetensors.index.json")).unwrap();
-    std::fs::rename(model.join("link.safetensors"), model.join("model.safetensors")).unwrap();
+    std::fs::rename(
+        model.join("link.safetensors"),
+        model.join("model.safetensors"),
+    )
+    .unwrap();
     let e = Checkpoint::open(&model).unwrap_err();
     assert!(e.to_string().contains("a symlink out of the folder"), "{e}");
 }
@@ -222,7 +308,10 @@ fn accepts_the_hugging_face_cache_layout() {
     let snapshot = repo.join("snapshots").join("abc123");
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    write_st(&repo.join("blobs").join("e3b0c442"), &[("model.embed_tokens.weight", 4)]);
+    write_st(
+        &repo.join("blobs").join("e3b0c442"),
+        &[("model.embed_tokens.weight", 4)],
+    );
     std::os::unix::fs::symlink("../../blobs/e3b0c442", snapshot.join("model.safetensors")).unwrap();
     let c = Checkpoint::open(&snapshot).unwrap();
     assert_eq!(c.tensors().len(), 1);
@@ -236,19 +325,37 @@ fn reports_stale_shards_and_wrong_total_size() {
         dir.path(),
         49,
         &[
-            ("model.embed_tokens.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.0.mlp.weight", "model-00001-of-00002.safetensors"),
-            ("model.layers.1.mlp.weight", "model-00002-of-00002.safetensors"),
+            (
+                "model.embed_tokens.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.0.mlp.weight",
+                "model-00001-of-00002.safetensors",
+            ),
+            (
+                "model.layers.1.mlp.weight",
+                "model-00002-of-00002.safetensors",
+            ),
             ("model.norm.weight", "model-00002-of-00002.safetensors"),
             ("lm_head.weight", "model-00002-of-00002.safetensors"),
         ],
     );
-    write_st(&dir.path().join("model-00001-of-00003.safetensors"), &[("old", 1)]);
+    write_st(
+        &dir.path().join("model-00001-of-00003.safetensors"),
+        &[("old", 1)],
+    );
     let c = Checkpoint::open(dir.path()).unwrap();
-    let messages: Vec<_> = c.problems().iter().map(|p| format!("{}: {}", p.subject, p.message)).collect();
+    let messages: Vec<_> = c
+        .problems()
+        .iter()
+        .map(|p| format!("{}: {}", p.subject, p.message))
+        .collect();
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert!(messages[0].contains("total_size says 49 bytes but the shards hold 50"));
-    assert!(messages[1].starts_with("model-00001-of-00003.safetensors: this .safetensors file is not named by the index"));
+    assert!(messages[1].starts_with(
+        "model-00001-of-00003.safetensors: this .safetensors file is not named by the index"
+    ));
 }
 
 #[test]
@@ -262,14 +369,23 @@ fn rejects_malformed_index_files() {
         (r#"{"metadata":{}}"#, "missing \"weight_map\""),
         (r#"{"weight_map":[]}"#, "\"weight_map\" must be an object"),
         (r#"{"weight_map":{}}"#, "\"weight_map\" is empty"),
-        (r#"{"weight_map":{"a":3}}"#, "\"weight_map\" entry \"a\" must name a file"),
-        (r#"{"metadata":{"total_size":"big"},"weight_map":{"a":"b"}}"#, "total_size"),
+        (
+            r#"{"weight_map":{"a":3}}"#,
+            "\"weight_map\" entry \"a\" must name a file",
+        ),
+        (
+            r#"{"metadata":{"total_size":"big"},"weight_map":{"a":"b"}}"#,
+            "total_size",
+        ),
     ] {
         std::fs::write(&index, text).unwrap();
         let e = Checkpoint::open(dir.path()).unwrap_err();
         assert!(matches!(e, Error::BadIndex { .. }), "{text}: {e}");
         assert!(e.to_string().contains(needle), "{text}: {e}");
-        assert!(e.to_string().starts_with(&index.display().to_string()), "{e}");
+        assert!(
+            e.to_string().starts_with(&index.display().to_string()),
+            "{e}"
+        );
     }
 }
 
@@ -291,8 +407,14 @@ fn rejects_a_truncated_shard_naming_it() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 3]).unwrap();
     let e = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(e, Error::OffsetOutOfBounds { ref tensor, .. } if tensor == "lm_head.weight"), "{e}");
-    assert!(e.to_string().starts_with(&shard.display().to_string()), "{e}");
+    assert!(
+        matches!(e, Error::OffsetOutOfBounds { ref tensor, .. } if tensor == "lm_head.weight"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().starts_with(&shard.display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -301,7 +423,11 @@ fn rejects_the_same_tensor_in_two_single_files() {
     let dir = tempfile::tempdir().unwrap();
     write_st(&dir.path().join("a.safetensors"), &[("x", 1)]);
     write_st(&dir.path().join("b.safetensors"), &[("x", 1), ("y", 1)]);
-    write_index(dir.path(), 3, &[("x", "a.safetensors"), ("y", "b.safetensors")]);
+    write_index(
+        dir.path(),
+        3,
+        &[("x", "a.safetensors"), ("y", "b.safetensors")],
+    );
     let e = Checkpoint::open(dir.path()).unwrap_err();
     assert!(e.to_string().contains("\"x\""), "{e}");
 }

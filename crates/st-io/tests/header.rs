@@ -39,7 +39,10 @@ fn reads_a_well_formed_file() {
 #[test]
 fn accepts_empty_headers_padding_scalars_and_empty_tensors() {
     assert!(parse(&file_with("{}", &[])).unwrap().tensors.is_empty());
-    assert!(parse(&file_with("{}      ", &[])).is_ok(), "trailing spaces pad the header");
+    assert!(
+        parse(&file_with("{}      ", &[])).is_ok(),
+        "trailing spaces pad the header"
+    );
     let h = r#"{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"e":{"dtype":"BF16","shape":[0,4],"data_offsets":[4,4]}}"#;
     let header = parse(&file_with(h, &[0; 4])).unwrap();
     assert_eq!(header.tensors.len(), 2);
@@ -63,7 +66,14 @@ fn rejects_file_shorter_than_8_bytes() {
 fn rejects_header_length_past_end_or_over_limit() {
     let mut bytes = 1000u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
-    assert!(matches!(err(&bytes), Error::HeaderPastEnd { header_len: 1000, file_len: 10, .. }));
+    assert!(matches!(
+        err(&bytes),
+        Error::HeaderPastEnd {
+            header_len: 1000,
+            file_len: 10,
+            ..
+        }
+    ));
     let bytes = (100_000_001u64).to_le_bytes();
     assert!(matches!(err(&bytes), Error::HeaderTooLarge { .. }));
     let bytes = u64::MAX.to_le_bytes();
@@ -74,15 +84,23 @@ fn rejects_header_length_past_end_or_over_limit() {
 fn rejects_non_utf8_and_non_json_headers() {
     let mut bytes = 4u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(&[b'{', 0xff, 0xfe, b'}']);
-    assert!(matches!(err(&bytes), Error::HeaderNotUtf8 { offset: 1, .. }));
+    assert!(matches!(
+        err(&bytes),
+        Error::HeaderNotUtf8 { offset: 1, .. }
+    ));
     for bad in ["{\"a\":", "[1,2]", "nope", " {}", "{} x", "{\"a\":{}}}"] {
         let e = err(&file_with(bad, &[]));
         assert!(
-            matches!(e, Error::HeaderNotJson { .. } | Error::BadTensorEntry { .. }),
+            matches!(
+                e,
+                Error::HeaderNotJson { .. } | Error::BadTensorEntry { .. }
+            ),
             "{bad}: {e}"
         );
     }
-    assert!(err(&file_with("[1,2]", &[])).to_string().starts_with("m.safetensors: header is not valid JSON"));
+    assert!(err(&file_with("[1,2]", &[]))
+        .to_string()
+        .starts_with("m.safetensors: header is not valid JSON"));
 }
 
 #[test]
@@ -98,18 +116,45 @@ fn rejects_unknown_dtype_naming_the_tensor() {
 fn rejects_malformed_entries() {
     let cases = [
         (r#"{"w":3}"#, "entry must be an object"),
-        (r#"{"w":{"shape":[1],"data_offsets":[0,4]}}"#, "missing field \"dtype\""),
-        (r#"{"w":{"dtype":"F32","data_offsets":[0,4]}}"#, "missing field \"shape\""),
-        (r#"{"w":{"dtype":"F32","shape":[1]}}"#, "missing field \"data_offsets\""),
-        (r#"{"w":{"dtype":5,"shape":[1],"data_offsets":[0,4]}}"#, "\"dtype\" must be a string"),
-        (r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, "\"shape\" must be an array"),
-        (r#"{"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}}"#, "\"shape\" must be an array"),
-        (r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#, "\"data_offsets\" must be two"),
-        (r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#, "unexpected field \"x\""),
+        (
+            r#"{"w":{"shape":[1],"data_offsets":[0,4]}}"#,
+            "missing field \"dtype\"",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","data_offsets":[0,4]}}"#,
+            "missing field \"shape\"",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1]}}"#,
+            "missing field \"data_offsets\"",
+        ),
+        (
+            r#"{"w":{"dtype":5,"shape":[1],"data_offsets":[0,4]}}"#,
+            "\"dtype\" must be a string",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+            "\"shape\" must be an array",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}}"#,
+            "\"shape\" must be an array",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
+            "\"data_offsets\" must be two",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#,
+            "unexpected field \"x\"",
+        ),
     ];
     for (h, needle) in cases {
         let e = err(&file_with(h, &[0; 4]));
-        assert!(matches!(e, Error::BadTensorEntry { ref tensor, .. } if tensor == "w"), "{h}: {e}");
+        assert!(
+            matches!(e, Error::BadTensorEntry { ref tensor, .. } if tensor == "w"),
+            "{h}: {e}"
+        );
         assert!(e.to_string().contains(needle), "{h}: {e}");
     }
     let e = err(&file_with(r#"{"__metadata__":{"a":1}}"#, &[]));
@@ -124,15 +169,28 @@ fn rejects_size_that_disagrees_with_shape() {
         "m.safetensors: tensor \"w\" has 10 bytes but shape [2, 3] of BF16 needs 12"
     );
     let h = r#"{"w":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#;
-    assert!(matches!(err(&file_with(h, &[0; 2])), Error::ShapeOverflow { .. }));
+    assert!(matches!(
+        err(&file_with(h, &[0; 2])),
+        Error::ShapeOverflow { .. }
+    ));
     let h = r#"{"w":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#;
-    assert!(matches!(err(&file_with(h, &[0; 8])), Error::ShapeOverflow { .. }));
+    assert!(matches!(
+        err(&file_with(h, &[0; 8])),
+        Error::ShapeOverflow { .. }
+    ));
 }
 
 #[test]
 fn rejects_offsets_reversed_or_past_end() {
     let h = r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#;
-    assert!(matches!(err(&file_with(h, &[0; 4])), Error::OffsetsReversed { begin: 4, end: 0, .. }));
+    assert!(matches!(
+        err(&file_with(h, &[0; 4])),
+        Error::OffsetsReversed {
+            begin: 4,
+            end: 0,
+            ..
+        }
+    ));
     let h = r#"{"w":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#;
     let e = err(&file_with(h, &[0; 4]));
     assert_eq!(
@@ -145,14 +203,22 @@ fn rejects_offsets_reversed_or_past_end() {
 fn rejects_overlapping_tensors() {
     let h = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#;
     match err(&file_with(h, &[0; 6])) {
-        Error::OverlappingTensors { first, second, offset, .. } => {
+        Error::OverlappingTensors {
+            first,
+            second,
+            offset,
+            ..
+        } => {
             assert_eq!((first.as_str(), second.as_str(), offset), ("a", "b", 2))
         }
         e => panic!("{e}"),
     }
     // An empty tensor inside another one is an overlap too (the reference crate agrees).
     let h = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[0],"data_offsets":[2,2]}}"#;
-    assert!(matches!(err(&file_with(h, &[0; 4])), Error::OverlappingTensors { .. }));
+    assert!(matches!(
+        err(&file_with(h, &[0; 4])),
+        Error::OverlappingTensors { .. }
+    ));
 }
 
 #[test]
@@ -163,8 +229,23 @@ fn rejects_gaps_and_uncovered_tails() {
         "m.safetensors: data bytes [2, 4) belong to no tensor (after tensor \"a\")"
     );
     let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
-    assert!(matches!(err(&file_with(h, &[0; 5])), Error::DataGap { begin: 2, end: 5, .. }));
-    assert!(matches!(err(&file_with("{}", &[0; 3])), Error::DataGap { begin: 0, end: 3, after: None, .. }));
+    assert!(matches!(
+        err(&file_with(h, &[0; 5])),
+        Error::DataGap {
+            begin: 2,
+            end: 5,
+            ..
+        }
+    ));
+    assert!(matches!(
+        err(&file_with("{}", &[0; 3])),
+        Error::DataGap {
+            begin: 0,
+            end: 3,
+            after: None,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -181,8 +262,26 @@ fn rejects_duplicate_names() {
 fn knows_every_dtype_of_the_reference_crate() {
     use safetensors::Dtype as R;
     let reference = [
-        R::BOOL, R::F4, R::F6_E2M3, R::F6_E3M2, R::U8, R::I8, R::F8_E5M2, R::F8_E4M3, R::F8_E8M0,
-        R::I16, R::U16, R::F16, R::BF16, R::I32, R::U32, R::F32, R::C64, R::F64, R::I64, R::U64,
+        R::BOOL,
+        R::F4,
+        R::F6_E2M3,
+        R::F6_E3M2,
+        R::U8,
+        R::I8,
+        R::F8_E5M2,
+        R::F8_E4M3,
+        R::F8_E8M0,
+        R::I16,
+        R::U16,
+        R::F16,
+        R::BF16,
+        R::I32,
+        R::U32,
+        R::F32,
+        R::C64,
+        R::F64,
+        R::I64,
+        R::U64,
     ];
     for r in reference {
         let name = format!("{r:?}");
@@ -193,7 +292,21 @@ fn knows_every_dtype_of_the_reference_crate() {
 
 fn dtype_strategy() -> impl Strategy<Value = safetensors::Dtype> {
     use safetensors::Dtype as R;
-    prop::sample::select(vec![R::BOOL, R::U8, R::I8, R::F8_E4M3, R::F8_E5M2, R::I16, R::F16, R::BF16, R::I32, R::F32, R::F64, R::I64, R::U64])
+    prop::sample::select(vec![
+        R::BOOL,
+        R::U8,
+        R::I8,
+        R::F8_E4M3,
+        R::F8_E5M2,
+        R::I16,
+        R::F16,
+        R::BF16,
+        R::I32,
+        R::F32,
+        R::F64,
+        R::I64,
+        R::U64,
+    ])
 }
 
 proptest! {

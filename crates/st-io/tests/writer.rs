@@ -12,7 +12,9 @@ fn options(max: u64) -> WriterOptions {
 }
 
 fn bytes_for(spec: &TensorSpec, seed: u8) -> Vec<u8> {
-    (0..spec.bytes().unwrap()).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+    (0..spec.bytes().unwrap())
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
 }
 
 /// An independent statement of huggingface_hub's rule, shard by shard, as sizes.
@@ -58,7 +60,12 @@ fn splits_like_transformers_and_names_files_like_it() {
         .enumerate()
         .map(|(i, s)| TensorSpec::new(format!("t{i}"), Dtype::U8, vec![s * gb]))
         .collect();
-    let groups: Vec<Vec<usize>> = plan_shards(&specs, 10 * gb).unwrap().shards.iter().map(|s| s.tensors.clone()).collect();
+    let groups: Vec<Vec<usize>> = plan_shards(&specs, 10 * gb)
+        .unwrap()
+        .shards
+        .iter()
+        .map(|s| s.tensors.clone())
+        .collect();
     assert_eq!(groups, vec![vec![1], vec![0, 2]]);
     // Default is 5 GB; a small model is one model.safetensors.
     assert_eq!(DEFAULT_MAX_SHARD_BYTES, 5_000_000_000);
@@ -85,7 +92,12 @@ fn writes_interleaved_shards_sequentially_and_reads_back() {
     let names: Vec<&str> = summary.files.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "config.json"]
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "config.json"
+        ]
     );
     let c = Checkpoint::open(&dest).unwrap();
     assert_eq!(c.kind(), LayoutKind::Sharded);
@@ -94,7 +106,10 @@ fn writes_interleaved_shards_sequentially_and_reads_back() {
         assert_eq!((t.dtype, &t.shape), (s.dtype, &s.shape));
         assert_eq!(c.tensor_bytes(t), bytes_for(s, i as u8));
     }
-    assert_eq!(c.files()[0].metadata, Some(vec![("format".into(), "pt".into())]));
+    assert_eq!(
+        c.files()[0].metadata,
+        Some(vec![("format".into(), "pt".into())])
+    );
     // Headers are padded so the data area starts on an 8-byte boundary.
     for f in c.files() {
         assert_eq!((8 + f.header_len) % 8, 0);
@@ -103,7 +118,10 @@ fn writes_interleaved_shards_sequentially_and_reads_back() {
     assert!(index.starts_with("{\n  \"metadata\": {\n    \"total_size\": 108\n  },\n  \"weight_map\": {\n    \"a\": \"model-00002-of-00002.safetensors\""), "{index}");
     assert!(index.ends_with("}\n"));
     // Nothing else is left beside the destination.
-    let siblings: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let siblings: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(siblings, vec![std::ffi::OsString::from("out")]);
 }
 
@@ -114,11 +132,23 @@ fn refuses_an_existing_destination_unless_told_to_replace_it() {
     std::fs::create_dir(&dest).unwrap();
     std::fs::write(dest.join("keep.txt"), b"mine").unwrap();
     let specs = vec![TensorSpec::new("a", Dtype::U8, vec![3])];
-    let e = ShardWriter::create(&dest, specs.clone(), options(100)).err().unwrap();
+    let e = ShardWriter::create(&dest, specs.clone(), options(100))
+        .err()
+        .unwrap();
     assert!(matches!(e, Error::DestinationExists { .. }), "{e}");
-    assert!(e.to_string().ends_with("already exists; choose another destination or allow replacing it"));
+    assert!(e
+        .to_string()
+        .ends_with("already exists; choose another destination or allow replacing it"));
     assert_eq!(std::fs::read(dest.join("keep.txt")).unwrap(), b"mine");
-    let mut w = ShardWriter::create(&dest, specs, WriterOptions { replace_existing: true, ..options(100) }).unwrap();
+    let mut w = ShardWriter::create(
+        &dest,
+        specs,
+        WriterOptions {
+            replace_existing: true,
+            ..options(100)
+        },
+    )
+    .unwrap();
     w.write_tensor("a", &[1, 2, 3]).unwrap();
     w.finish().unwrap();
     assert!(!dest.join("keep.txt").exists());
@@ -130,7 +160,10 @@ fn refuses_an_existing_destination_unless_told_to_replace_it() {
 fn an_unfinished_or_failed_write_leaves_nothing_that_looks_done() {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("out");
-    let specs = vec![TensorSpec::new("a", Dtype::U8, vec![3]), TensorSpec::new("b", Dtype::U8, vec![2])];
+    let specs = vec![
+        TensorSpec::new("a", Dtype::U8, vec![3]),
+        TensorSpec::new("b", Dtype::U8, vec![2]),
+    ];
     {
         let mut w = ShardWriter::create(&dest, specs.clone(), options(100)).unwrap();
         w.write_tensor("a", &[1, 2, 3]).unwrap();
@@ -140,35 +173,58 @@ fn an_unfinished_or_failed_write_leaves_nothing_that_looks_done() {
     let mut w = ShardWriter::create(&dest, specs.clone(), options(100)).unwrap();
     w.write_tensor("a", &[1, 2, 3]).unwrap();
     let e = w.finish().unwrap_err();
-    assert_eq!(e.to_string(), "writer: finish called with 1 tensor(s) unwritten, starting with \"b\"");
+    assert_eq!(
+        e.to_string(),
+        "writer: finish called with 1 tensor(s) unwritten, starting with \"b\""
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]
 fn rejects_misuse_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let specs = vec![TensorSpec::new("a", Dtype::F32, vec![2]), TensorSpec::new("b", Dtype::U8, vec![1])];
+    let specs = vec![
+        TensorSpec::new("a", Dtype::F32, vec![2]),
+        TensorSpec::new("b", Dtype::U8, vec![1]),
+    ];
     let mut w = ShardWriter::create(dir.path().join("o"), specs.clone(), options(100)).unwrap();
     let e = w.write_tensor("b", &[0]).unwrap_err().to_string();
-    assert_eq!(e, "writer: tensor \"b\" was given but \"a\" comes next in the declared order");
+    assert_eq!(
+        e,
+        "writer: tensor \"b\" was given but \"a\" comes next in the declared order"
+    );
     let e = w.write_tensor("a", &[0; 7]).unwrap_err().to_string();
-    assert_eq!(e, "writer: tensor \"a\" was given 7 bytes but shape [2] of F32 needs 8");
+    assert_eq!(
+        e,
+        "writer: tensor \"a\" was given 7 bytes but shape [2] of F32 needs 8"
+    );
     let mut w = ShardWriter::create(dir.path().join("o"), specs.clone(), options(100)).unwrap();
     let e = w.write_tensor("a", &[0; 9]).unwrap_err().to_string();
     assert!(e.contains("was given 9 bytes"), "{e}");
     let mut w = ShardWriter::create(dir.path().join("o"), specs.clone(), options(100)).unwrap();
     let e = w
-        .write_tensor_with("a", |_sink| Err::<(), _>(std::io::Error::other("disk on fire")))
+        .write_tensor_with("a", |_sink| {
+            Err::<(), _>(std::io::Error::other("disk on fire"))
+        })
         .unwrap_err()
         .to_string();
     assert_eq!(e, "writer: tensor \"a\": disk on fire");
-    let dup = vec![TensorSpec::new("a", Dtype::U8, vec![1]), TensorSpec::new("a", Dtype::U8, vec![1])];
-    let e = ShardWriter::create(dir.path().join("o"), dup, options(100)).err().unwrap().to_string();
+    let dup = vec![
+        TensorSpec::new("a", Dtype::U8, vec![1]),
+        TensorSpec::new("a", Dtype::U8, vec![1]),
+    ];
+    let e = ShardWriter::create(dir.path().join("o"), dup, options(100))
+        .err()
+        .unwrap()
+        .to_string();
     assert_eq!(e, "writer: tensor \"a\" is declared twice");
     let mut w = ShardWriter::create(dir.path().join("o"), specs, options(100)).unwrap();
     assert!(w.add_file("../x", b"").is_err());
     assert!(w.add_file("model.safetensors", b"").is_err());
-    let e = ShardWriter::create(dir.path().join("o"), vec![], options(0)).err().unwrap().to_string();
+    let e = ShardWriter::create(dir.path().join("o"), vec![], options(0))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("more than 0 bytes"), "{e}");
 }
 
@@ -194,7 +250,16 @@ fn streams_a_tensor_through_the_sink_in_pieces() {
 }
 
 fn spec_strategy() -> impl Strategy<Value = Vec<TensorSpec>> {
-    let dtype = prop::sample::select(vec![Dtype::BOOL, Dtype::U8, Dtype::F8_E4M3, Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::I64, Dtype::F64]);
+    let dtype = prop::sample::select(vec![
+        Dtype::BOOL,
+        Dtype::U8,
+        Dtype::F8_E4M3,
+        Dtype::BF16,
+        Dtype::F16,
+        Dtype::F32,
+        Dtype::I64,
+        Dtype::F64,
+    ]);
     prop::collection::vec((dtype, prop::collection::vec(0u64..9, 0..3)), 0..12).prop_map(|ts| {
         ts.into_iter()
             .enumerate()
