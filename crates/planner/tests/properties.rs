@@ -1,0 +1,388 @@
+//! The planner's invariants on random layouts and devices.
+
+use planner::{
+    plan, CacheDtype, CacheSpec, DeviceSpec, Error, ModelDims, Placement, Plan, PlanRequest,
+    Strategy as Policy, UnitSpec,
+};
+use proptest::prelude::*;
+use st_io::layout::UnitKind;
+
+fn units_strategy() -> impl Strategy<Value = Vec<UnitSpec>> {
+    (
+        prop::option::of(0u64..800),
+        prop::collection::vec(0u64..500, 0..10),
+        prop::option::of(0u64..20),
+        prop::option::of(0u64..800),
+        prop::option::of(0u64..300),
+    )
+        .prop_map(|(embedding, layers, norm, head, other)| {
+            let mut units = Vec::new();
+            if let Some(b) = embedding {
+                units.push(UnitSpec {
+                    name: "embedding".into(),
+                    kind: UnitKind::Embedding,
+                    weight_bytes: b,
+                });
+            }
+            for (i, b) in layers.into_iter().enumerate() {
+                units.push(UnitSpec {
+                    name: format!("layers.{i}"),
+                    kind: UnitKind::Layer(i as u64),
+                    weight_bytes: b,
+                });
+            }
+            if let Some(b) = norm {
+                units.push(UnitSpec {
+                    name: "norm".into(),
+                    kind: UnitKind::Norm,
+                    weight_bytes: b,
+                });
+            }
+            if let Some(b) = head {
+                units.push(UnitSpec {
+                    name: "head".into(),
+                    kind: UnitKind::Head,
+                    weight_bytes: b,
+                });
+            }
+            if let Some(b) = other {
+                units.push(UnitSpec {
+                    name: "other".into(),
+                    kind: UnitKind::Other,
+                    weight_bytes: b,
+                });
+            }
+            units
+        })
+}
+
+fn request_strategy(max_devices: usize) -> impl Strategy<Value = PlanRequest> {
+    (
+        units_strategy(),
+        (1u64..3, 1u64..5, prop::option::of(1u64..16)),
+        (
+            0u64..24,
+            1u64..3,
+            prop::sample::select(CacheDtype::ALL.to_vec()),
+        ),
+        prop::collection::vec((0u64..3000, 0u64..400, 0u64..200), 1..=max_devices),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(units, (kv_heads, head_dim, window), (seq_len, batch, dtype), devices, on_host)| {
+                PlanRequest {
+                    units,
+                    dims: ModelDims {
+                        kv_heads,
+                        head_dim,
+                        // vocab 0: no logits scratch, so loads are weights + cache exactly.
+                        vocab_size: 0,
+                        sliding_window: window,
+                        ..ModelDims::default()
+                    },
+                    cache: CacheSpec {
+                        seq_len,
+                        batch,
+                        dtype,
+                    },
+                    devices: devices
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (cap, reserve, overhead))| DeviceSpec {
+                            name: format!("cuda:{i}"),
+                            capacity_bytes: cap,
+                            reserve_bytes: reserve.min(cap),
+                            overhead_bytes: Some(overhead),
+                        })
+                        .collect(),
+                    strategy: Policy::Greedy,
+                    embedding_on_host: on_host,
+                }
+            },
+        )
+}
+
+fn with(req: &PlanRequest, strategy: Policy) -> PlanRequest {
+    PlanRequest {
+        strategy,
+        ..req.clone()
+    }
+}
+
+fn budget(d: &DeviceSpec) -> u64 {
+    let usable = d.capacity_bytes - d.reserve_bytes;
+    usable - d.overhead_bytes.unwrap().min(usable)
+}
+
+/// Load of each device as the objective sees it (weights + cache), and its budget.
+fn loads(req: &PlanRequest, p: &Plan) -> Vec<(u64, u64)> {
+    p.devices
+        .iter()
+        .zip(&req.devices)
+        .map(|(d, spec)| (d.weight_bytes + d.cache_bytes, budget(spec)))
+        .collect()
+}
+
+/// max load/budget as an exact fraction, compared by cross-multiplication.
+fn worst(loads: &[(u64, u64)]) -> (u128, u128) {
+    let mut w = (0u128, 1u128);
+    for &(l, b) in loads {
+        if l == 0 {
+            continue;
+        }
+        let r = (l as u128, b.max(1) as u128);
+        if r.0 * w.1 > w.0 * r.1 {
+            w = r;
+        }
+    }
+    w
+}
+
+/// Groups of the reference: built independently from the unit list.
+fn reference_groups(req: &PlanRequest) -> Vec<(Vec<usize>, u64)> {
+    let cache = |u: &UnitSpec| match u.kind {
+        UnitKind::Layer(i) => req.dims.cache_bytes(i, &req.cache),
+        _ => 0,
+    };
+    let emb: u64 = req
+        .units
+        .iter()
+        .filter(|u| u.kind == UnitKind::Embedding)
+        .map(|u| u.weight_bytes)
+        .sum();
+    let weight = |u: &UnitSpec| {
+        if u.kind == UnitKind::Head && u.weight_bytes == 0 && req.embedding_on_host {
+            emb
+        } else {
+            u.weight_bytes
+        }
+    };
+    let last_layer = req
+        .units
+        .iter()
+        .rposition(|u| matches!(u.kind, UnitKind::Layer(_)));
+    let mut groups: Vec<(Vec<usize>, u64)> = Vec::new();
+    let mut tail: Vec<usize> = Vec::new();
+    let mut others = Vec::new();
+    for (i, u) in req.units.iter().enumerate() {
+        let cost = weight(u) + cache(u);
+        match u.kind {
+            UnitKind::Embedding if req.embedding_on_host => {}
+            UnitKind::Other => others.push((vec![i], cost)),
+            UnitKind::Norm | UnitKind::Head => tail.push(i),
+            UnitKind::Layer(_) if Some(i) == last_layer => tail.push(i),
+            _ => groups.push((vec![i], cost)),
+        }
+    }
+    if !tail.is_empty() {
+        let cost = tail
+            .iter()
+            .map(|&i| weight(&req.units[i]) + cache(&req.units[i]))
+            .sum();
+        groups.push((tail, cost));
+    }
+    groups.extend(others);
+    groups
+}
+
+/// exllamav2's load_autosplit, restated: for each module, while it does not fit in what is
+/// left on the current device, move to the next device; fail past the last one.
+fn exllamav2_autosplit(req: &PlanRequest) -> Option<Vec<Placement>> {
+    let mut placement = vec![Placement::Host; req.units.len()];
+    let mut free: Vec<u64> = req.devices.iter().map(budget).collect();
+    let mut current = 0;
+    for (ids, cost) in reference_groups(req) {
+        loop {
+            if current >= free.len() {
+                return None;
+            }
+            if cost <= free[current] {
+                free[current] -= cost;
+                break;
+            }
+            current += 1;
+        }
+        for i in ids {
+            placement[i] = Placement::Device(current);
+        }
+    }
+    Some(placement)
+}
+
+/// The best worst-ratio over every contiguous split of the groups into the devices.
+fn brute_force_optimum(req: &PlanRequest) -> Option<(u128, u128)> {
+    let groups = reference_groups(req);
+    let budgets: Vec<u64> = req.devices.iter().map(budget).collect();
+    fn go(
+        groups: &[(Vec<usize>, u64)],
+        budgets: &[u64],
+        start: usize,
+        device: usize,
+        acc: Vec<(u64, u64)>,
+        best: &mut Option<(u128, u128)>,
+    ) {
+        if device == budgets.len() {
+            if start == groups.len() {
+                let w = worst(&acc);
+                if best.is_none_or(|b| w.0 * b.1 < b.0 * w.1) {
+                    *best = Some(w);
+                }
+            }
+            return;
+        }
+        let mut load = 0;
+        for end in start..=groups.len() {
+            if end > start {
+                load += groups[end - 1].1;
+            }
+            if load > budgets[device] {
+                break;
+            }
+            let mut next = acc.clone();
+            next.push((load, budgets[device]));
+            go(groups, budgets, end, device + 1, next, best);
+        }
+    }
+    let mut best = None;
+    go(&groups, &budgets, 0, 0, Vec::new(), &mut best);
+    best
+}
+
+fn check_invariants(req: &PlanRequest, p: &Plan) -> Result<(), TestCaseError> {
+    // Every unit placed exactly once, in input order.
+    prop_assert_eq!(p.units.len(), req.units.len());
+    for (pu, u) in p.units.iter().zip(&req.units) {
+        prop_assert_eq!(&pu.name, &u.name);
+    }
+    // Each device's unit list is exactly the units planned on it; contiguous, in model order.
+    let mut last_device = 0;
+    for (i, pu) in p.units.iter().enumerate() {
+        match pu.device {
+            Placement::Device(d) => {
+                prop_assert!(
+                    d >= last_device,
+                    "unit {} goes back to device {}",
+                    pu.name,
+                    d
+                );
+                last_device = d;
+                prop_assert!(p.devices[d].units.contains(&pu.name));
+            }
+            Placement::Host => {
+                prop_assert!(req.embedding_on_host && req.units[i].kind == UnitKind::Embedding)
+            }
+        }
+    }
+    let listed: usize = p.devices.iter().map(|d| d.units.len()).sum();
+    prop_assert_eq!(
+        listed,
+        p.units
+            .iter()
+            .filter(|u| u.device != Placement::Host)
+            .count()
+    );
+    for (d, spec) in p.devices.iter().zip(&req.devices) {
+        // Nothing over capacity − reserve.
+        prop_assert!(
+            d.weight_bytes + d.cache_bytes + d.overhead_bytes
+                <= spec.capacity_bytes - spec.reserve_bytes
+        );
+        prop_assert_eq!(
+            d.free_after_bytes,
+            spec.capacity_bytes
+                - spec.reserve_bytes
+                - d.weight_bytes
+                - d.cache_bytes
+                - d.overhead_bytes
+        );
+        // Each layer's cache on its layer's device, counted cumulatively.
+        let cache: u64 = p
+            .units
+            .iter()
+            .filter(|u| u.device == Placement::Device(d.index))
+            .map(|u| u.cache_bytes)
+            .sum();
+        prop_assert_eq!(d.cache_bytes, cache);
+    }
+    for (pu, u) in p.units.iter().zip(&req.units) {
+        if let UnitKind::Layer(i) = u.kind {
+            prop_assert_eq!(pu.cache_bytes, req.dims.cache_bytes(i, &req.cache));
+        } else {
+            prop_assert_eq!(pu.cache_bytes, 0);
+        }
+    }
+    // The head goes with the last layer.
+    let last_layer = req
+        .units
+        .iter()
+        .rposition(|u| matches!(u.kind, UnitKind::Layer(_)));
+    let head = req.units.iter().position(|u| u.kind == UnitKind::Head);
+    if let (Some(l), Some(h)) = (last_layer, head) {
+        prop_assert_eq!(p.units[l].device, p.units[h].device);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn greedy_plans_keep_every_invariant_and_match_exllamav2(req in request_strategy(4)) {
+        let reference = exllamav2_autosplit(&req);
+        match plan(&req) {
+            Ok(p) => {
+                check_invariants(&req, &p)?;
+                let placements: Vec<Placement> = p.units.iter().map(|u| u.device).collect();
+                prop_assert_eq!(Some(placements), reference);
+            }
+            Err(Error::DoesNotFit { .. }) => prop_assert!(reference.is_none()),
+            Err(e) => prop_assert!(false, "unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn balanced_is_optimal_and_never_worse_than_greedy(req in request_strategy(3)) {
+        let balanced = plan(&with(&req, Policy::Balanced));
+        let greedy = plan(&req);
+        prop_assert_eq!(balanced.is_ok(), greedy.is_ok(), "feasibility is the same question");
+        if let (Ok(b), Ok(g)) = (balanced, greedy) {
+            check_invariants(&req, &b)?;
+            let (wb, wg) = (worst(&loads(&req, &b)), worst(&loads(&req, &g)));
+            prop_assert!(wb.0 * wg.1 <= wg.0 * wb.1, "balanced {wb:?} worse than greedy {wg:?}");
+            let optimum = brute_force_optimum(&req).expect("greedy fit, so some split fits");
+            prop_assert_eq!(wb.0 * optimum.1, optimum.0 * wb.1, "balanced {:?} vs optimum {:?}", wb, optimum);
+        }
+    }
+
+    #[test]
+    fn adding_capacity_never_turns_a_fit_into_a_no_fit(req in request_strategy(3), device in any::<prop::sample::Index>(), extra in 0u64..5000, balanced in any::<bool>()) {
+        let req = if balanced { with(&req, Policy::Balanced) } else { req };
+        if plan(&req).is_ok() {
+            let mut bigger = req.clone();
+            let d = device.index(bigger.devices.len());
+            bigger.devices[d].capacity_bytes += extra;
+            prop_assert!(plan(&bigger).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_same_input_always_gives_the_same_plan(req in request_strategy(4), balanced in any::<bool>()) {
+        let req = if balanced { with(&req, Policy::Balanced) } else { req };
+        prop_assert_eq!(plan(&req), plan(&req.clone()));
+    }
+
+    #[test]
+    fn manual_layer_splits_place_what_they_say(req in request_strategy(3), cuts in prop::collection::vec(any::<prop::sample::Index>(), 2)) {
+        let layers = req.units.iter().filter(|u| matches!(u.kind, UnitKind::Layer(_))).count() as u64;
+        let n = req.devices.len();
+        let mut bounds: Vec<u64> = cuts.iter().take(n - 1).map(|c| c.index(layers as usize + 1) as u64).collect();
+        bounds.sort();
+        bounds.insert(0, 0);
+        bounds.push(layers);
+        let counts: Vec<u64> = bounds.windows(2).map(|w| w[1] - w[0]).collect();
+        if let Ok(p) = plan(&with(&req, Policy::ManualLayers(counts.clone()))) {
+            check_invariants(&req, &p)?;
+            prop_assert_eq!(p.layers_per_device(), counts);
+        }
+    }
+}
