@@ -125,3 +125,16 @@ pub fn write_sparse_llama3_8b(dir: &Path) -> u64 {
     .expect("write config");
     write_sparse_safetensors(&dir.join("model.safetensors"), &llama3_8b_specs())
 }
+
+/// A Llama-3-70B-shaped model folder (config.json + one sparse 141 GB model.safetensors).
+pub fn write_sparse_llama3_70b(dir: &Path) -> u64 {
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","num_hidden_layers":80,"hidden_size":8192,"intermediate_size":28672,"num_attention_heads":64,"num_key_value_heads":8,"vocab_size":128256,"max_position_embeddings":131072,"tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#,
+    )
+    .expect("write config");
+    write_sparse_safetensors(
+        &dir.join("model.safetensors"),
+        &llama_specs(80, 8192, 28672, 64, 8, 128256),
+    )
+}

@@ -5,12 +5,14 @@
 //! serialisable report, so a program gets exactly what the CLI prints. The CLI
 //! (`--features cli`, on by default) adds argument parsing and printing only.
 //!
-//! Available now: [`inspect()`]. The other verbs land with their issues.
+//! Available now: [`inspect()`] and [`plan_checkpoint`]. The other verbs land with their issues.
 
 pub mod inspect;
+pub mod plan;
 
 pub use inspect::{inspect, InspectOptions, InspectReport};
-pub use st_io;
+pub use plan::{plan_checkpoint, PlanOptions, PlanReport};
+pub use {planner, st_io};
 
 /// The errors of the façade: one variant per crate it wraps.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +20,11 @@ pub use st_io;
 pub enum Error {
     #[error(transparent)]
     Checkpoint(#[from] st_io::Error),
+    #[error(transparent)]
+    Plan(#[from] planner::Error),
+    /// Options that do not go together, or input the verb cannot use.
+    #[error("{0}")]
+    Usage(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
