@@ -1,9 +1,20 @@
-//! `lora-kernels`: the arithmetic of merging LoRA adapters, `W' = round16(W + s·B·A)` with f32
-//! accumulation and one rounding, on the CPU (multi-threaded) and on CUDA (PTX built by
-//! `cargo xtask build-kernels`, embedded).
+//! `lora-kernels`: the arithmetic of merging LoRA adapters into a weight,
+//! `W' = round16(W + Σₖ wₖ·sₖ·Bₖ·Aₖ)`, accumulated in f32 with one rounding at the end, plus
+//! DoRA (`W' = m / ‖W + ΔW‖_row · (W + ΔW)`), embedding LoRA (ΔW transposed) and
+//! `fan_in_fan_out` weights (stored transposed).
 //!
-//! Its implementation is the subject of the merge issue; until it lands this crate exports
-//! only its error type. It deliberately does not read files or choose devices.
+//! The CPU path ([`cpu`]) is multi-threaded over rows, streams a tensor block by block so no
+//! f32 copy of a whole tensor is ever made, and its inner loop is an axpy the compiler
+//! vectorises. An f64 twin ([`reference`]) recomputes sample rows to verify a merge. The CUDA
+//! path (PTX built by `cargo xtask build-kernels`) is the rest of the merge issue.
+//! It deliberately does not read files or choose devices.
+
+pub mod cpu;
+pub mod reference;
+
+pub use cpu::{DoraScale, LoraProduct, LoraTerm, MergeStats};
+
+use st_io::Dtype;
 
 /// The errors of `lora-kernels`.
 #[derive(Debug, thiserror::Error)]
@@ -11,4 +22,76 @@
 pub enum Error {
     #[error("shape mismatch: {message}")]
     Shape { message: String },
+    #[error("{dtype} is not a dtype the merge reads or writes (F32, F16, BF16 in; F16, BF16 out)")]
+    Dtype { dtype: Dtype },
+    #[error("the merge produced a non-finite value in row {row}: the adapter looks broken")]
+    NonFinite { row: usize },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Decodes little-endian F32/F16/BF16 bytes into f32 (exact).
+pub fn decode_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    match dtype {
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        other => return Err(Error::Dtype { dtype: other }),
+    }
+    Ok(())
+}
+
+/// Decodes a whole tensor to f32.
+pub fn to_f32_vec(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let size = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        other => return Err(Error::Dtype { dtype: other }),
+    };
+    let mut out = vec![0f32; bytes.len() / size];
+    decode_f32(dtype, bytes, &mut out)?;
+    Ok(out)
+}
+
+/// Rounds f32 values to F16 or BF16 bytes (nearest, ties to even).
+pub fn encode_half(dtype: Dtype, values: &[f32], out: &mut [u8]) -> Result<()> {
+    match dtype {
+        Dtype::BF16 => {
+            for (b, v) in out.chunks_exact_mut(2).zip(values) {
+                b.copy_from_slice(&st_io::convert::f32_to_bf16_bits(*v).to_le_bytes());
+            }
+        }
+        Dtype::F16 => {
+            for (b, v) in out.chunks_exact_mut(2).zip(values) {
+                b.copy_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        other => return Err(Error::Dtype { dtype: other }),
+    }
+    Ok(())
+}
+
+/// Distance in units in the last place between two 16-bit floats of the same format
+/// (NaN vs NaN is 0; across signs it counts through zero).
+pub fn ulp_distance(a: u16, b: u16) -> u32 {
+    let key = |x: u16| -> i32 {
+        if x & 0x8000 != 0 {
+            -((x & 0x7fff) as i32)
+        } else {
+            x as i32
+        }
+    };
+    (key(a) - key(b)).unsigned_abs()
 }

@@ -135,6 +135,26 @@ pub enum Error {
         message: String,
     },
 
+    // ---- adapters ----
+    #[error("{}: field \"{field}\": {message}", file.display())]
+    BadAdapterConfig {
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{}: tensor \"{tensor}\" {message}", file.display())]
+    BadAdapterTensor {
+        file: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("{}: module \"{module}\" {message}", file.display())]
+    BadAdapterModule {
+        file: PathBuf,
+        module: String,
+        message: String,
+    },
+
     // ---- sizes, conversion, writing ----
     #[error("invalid size \"{input}\": {message}")]
     BadSize { input: String, message: String },

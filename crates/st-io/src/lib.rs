@@ -9,11 +9,13 @@
 //! - reads the `config.json` facts placement and merging need ([`ModelConfig`]);
 //! - groups tensors into placement units in model order ([`layout::group`]);
 //! - writes sharded checkpoints in a single streaming pass, atomically ([`ShardWriter`]);
-//! - converts F32/F16/BF16 to F16/BF16 with one rounding ([`convert()`]).
+//! - converts F32/F16/BF16 to F16/BF16 with one rounding ([`convert()`]);
+//! - reads PEFT LoRA adapters: config, patterns, LoRA/DoRA/embedding tensors ([`LoraAdapter`]).
 //!
 //! What it deliberately does not do: talk to GPUs, decide placement, merge adapters, or read
 //! PyTorch pickle files (they can run code when loaded).
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
@@ -24,6 +26,7 @@ pub mod layout;
 pub mod size;
 pub mod writer;
 
+pub use adapter::{AdapterConfig, LoraAdapter, LoraKind, LoraModule};
 pub use checkpoint::{Checkpoint, LayoutKind, Problem, ShardFile, ShardIndex, TensorInfo};
 pub use config::{ModelConfig, QuantKind, QuantizationConfig};
 pub use convert::convert;

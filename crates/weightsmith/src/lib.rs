@@ -5,14 +5,18 @@
 //! serialisable report, so a program gets exactly what the CLI prints. The CLI
 //! (`--features cli`, on by default) adds argument parsing and printing only.
 //!
-//! Available now: [`inspect()`] and [`plan_checkpoint`]. The other verbs land with their issues.
+//! Available now: [`inspect()`], [`plan_checkpoint`] and [`merge()`] (CPU). Load and publish
+//! land with their issues.
 
+mod card;
 pub mod inspect;
+pub mod merge;
 pub mod plan;
 
 pub use inspect::{inspect, InspectOptions, InspectReport};
+pub use merge::{merge, MergeDevice, MergeOptions, MergeReport};
 pub use plan::{plan_checkpoint, PlanOptions, PlanReport};
-pub use {planner, st_io};
+pub use {lora_kernels, planner, st_io};
 
 /// The errors of the façade: one variant per crate it wraps.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +26,8 @@ pub enum Error {
     Checkpoint(#[from] st_io::Error),
     #[error(transparent)]
     Plan(#[from] planner::Error),
+    #[error(transparent)]
+    Kernel(#[from] lora_kernels::Error),
     /// Options that do not go together, or input the verb cannot use.
     #[error("{0}")]
     Usage(String),

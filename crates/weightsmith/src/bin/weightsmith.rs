@@ -31,6 +31,39 @@ enum Command {
     },
     /// Decide where each layer and its KV cache go, before loading anything.
     Plan(Box<PlanArgs>),
+    /// Merge LoRA adapters into their base: a standalone 16-bit checkpoint, no PEFT needed.
+    Merge(Box<MergeArgs>),
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// The base model folder (or .safetensors file).
+    #[arg(long)]
+    base: PathBuf,
+    /// A PEFT LoRA adapter folder, optionally with a weight: DIR or DIR:0.5. Repeat to merge several.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<String>,
+    /// The output folder (refused if it exists, unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Output dtype: bf16 or f16 (default: the base's 16-bit dtype, else bf16).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Largest shard, decimal units as the Hub counts (5GB, 500MB) or binary (4GiB).
+    #[arg(long, default_value = "5GB")]
+    max_shard_size: String,
+    /// Recompute sample rows in f64 and report the largest error in ulps.
+    #[arg(long)]
+    verify: bool,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    force: bool,
+    /// Print the merge report as one JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -100,6 +133,32 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 print!("{}", report.to_text());
             }
         }
+        Command::Merge(args) => {
+            let options = merge_options(&args)?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {pos_msg}",
+                )
+                .map(|s| s.tick_chars("|/-\\ "))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let report = weightsmith::merge(&args.base, &options, &mut |p| {
+                bar.set_length(p.bytes_total);
+                bar.set_position(p.bytes_done);
+                bar.set_message(format!(
+                    "{}/{} {}",
+                    p.tensors_done, p.tensors_total, p.tensor
+                ));
+            });
+            bar.finish_and_clear();
+            let report = report?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", merge_text(&report));
+            }
+        }
         Command::Plan(args) => {
             let report = weightsmith::plan_checkpoint(&args.model, &plan_options(&args)?)?;
             match args.export.as_deref() {
@@ -111,6 +170,115 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+fn merge_options(
+    args: &MergeArgs,
+) -> Result<weightsmith::MergeOptions, Box<dyn std::error::Error>> {
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|a| match a.rsplit_once(':') {
+            Some((path, w)) if w.parse::<f64>().is_ok() => {
+                let weight: f64 = w.parse().unwrap_or(1.0);
+                if weight.is_finite() {
+                    Ok((PathBuf::from(path), weight))
+                } else {
+                    Err(usage(format!(
+                        "--adapter {a}: the weight must be a finite number"
+                    )))
+                }
+            }
+            _ => Ok((PathBuf::from(a), 1.0)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut options = weightsmith::MergeOptions::new(adapters, &args.out);
+    options.dtype = match args.dtype.as_deref() {
+        None => None,
+        Some("bf16" | "bfloat16") => Some(weightsmith::st_io::Dtype::BF16),
+        Some("f16" | "fp16" | "float16") => Some(weightsmith::st_io::Dtype::F16),
+        Some(other) => {
+            return Err(usage(format!(
+                "--dtype must be bf16 or f16, not \"{other}\""
+            )))
+        }
+    };
+    options.device = match args.device.as_str() {
+        "auto" => weightsmith::MergeDevice::Auto,
+        "cpu" => weightsmith::MergeDevice::Cpu,
+        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => weightsmith::MergeDevice::Cuda(n),
+            None => {
+                return Err(usage(format!(
+                    "--device must be auto, cpu or cuda:N, not \"{d}\""
+                )))
+            }
+        },
+    };
+    options.max_shard_bytes = weightsmith::st_io::parse_size(&args.max_shard_size)?;
+    options.verify = args.verify;
+    options.force = args.force;
+    Ok(options)
+}
+
+fn merge_text(r: &weightsmith::MergeReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "merged {} adapter(s) into {} -> {}\n  {} tensors, {} in {:.2} s ({:.2} GB/s), {} on {}",
+        r.adapters.len(),
+        r.base,
+        r.out,
+        r.tensors_written,
+        weightsmith::st_io::format_decimal(r.tensor_bytes),
+        r.seconds,
+        r.tensor_bytes as f64 / r.seconds.max(1e-9) / 1e9,
+        r.dtype,
+        r.device
+    );
+    for a in &r.adapters {
+        let _ = writeln!(
+            s,
+            "  adapter {} (weight {}, r {}, alpha {}{}{}): {} module(s)",
+            a.path,
+            a.weight,
+            a.r,
+            a.lora_alpha,
+            if a.use_rslora { ", rsLoRA" } else { "" },
+            if a.use_dora { ", DoRA" } else { "" },
+            a.modules
+        );
+        for t in &a.replaced_tensors {
+            let _ = writeln!(s, "    replaces {t}");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  files: {}",
+        r.files
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(s, "\n  {:<60} {:>14}", "changed tensor", "|dW| / |W|");
+    for m in &r.modules {
+        let _ = writeln!(s, "  {:<60} {:>14.3e}", m.tensor, m.relative_delta);
+    }
+    if let Some(v) = &r.verify {
+        let _ = writeln!(
+            s,
+            "\n  verify: {} rows recomputed in f64, largest error {} ulp{}",
+            v.rows_checked,
+            v.max_ulps,
+            v.worst_tensor
+                .as_ref()
+                .map(|t| format!(" ({t})"))
+                .unwrap_or_default()
+        );
+    }
+    s
 }
 
 fn usage(message: String) -> Box<dyn std::error::Error> {

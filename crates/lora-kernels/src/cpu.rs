@@ -1,0 +1,410 @@
+//! The CPU merge: f32 accumulation, one rounding, multi-threaded over rows.
+
+use rayon::prelude::*;
+use st_io::Dtype;
+
+use crate::{decode_f32, encode_half, Error, Result};
+
+/// One LoRA term `scale · B · A` of a weight whose logical shape is `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct LoraTerm<'a> {
+    /// `A`, `[rank, in]`, row-major f32.
+    pub a: &'a [f32],
+    /// `B`, `[out, rank]`, row-major f32.
+    pub b: &'a [f32],
+    pub rank: usize,
+    /// LoRA scaling times the adapter's weight.
+    pub scale: f32,
+}
+
+/// `Σ scale·B·A` of a weight, arranged so each *stored* row of the delta is
+/// `Σⱼ left[row][j] · right[j]` (an axpy over `right`'s rows).
+#[derive(Debug, Clone)]
+pub struct LoraProduct {
+    /// `[stored_rows, rank_total]`.
+    left: Vec<f32>,
+    /// `[rank_total, stored_cols]`.
+    right: Vec<f32>,
+    rank: usize,
+    pub stored_rows: usize,
+    pub stored_cols: usize,
+}
+
+impl LoraProduct {
+    /// `out, inp` is the logical shape `[out, in]`; `transposed` says the weight is stored
+    /// `[in, out]` (GPT-2's Conv1D with `fan_in_fan_out`, and the embedding LoRA convention).
+    pub fn new(
+        out: usize,
+        inp: usize,
+        transposed: bool,
+        terms: &[LoraTerm],
+    ) -> Result<LoraProduct> {
+        let rank: usize = terms.iter().map(|t| t.rank).sum();
+        for t in terms {
+            if t.a.len() != t.rank * inp || t.b.len() != out * t.rank {
+                return Err(Error::Shape {
+                    message: format!(
+                        "A has {} values and B {}, but rank {} of a [{out}, {inp}] weight needs {} and {}",
+                        t.a.len(),
+                        t.b.len(),
+                        t.rank,
+                        t.rank * inp,
+                        out * t.rank
+                    ),
+                });
+            }
+        }
+        let (stored_rows, stored_cols) = if transposed { (inp, out) } else { (out, inp) };
+        let mut left = vec![0f32; stored_rows * rank];
+        let mut right = vec![0f32; rank * stored_cols];
+        let mut offset = 0;
+        for t in terms {
+            for j in 0..t.rank {
+                let col = offset + j;
+                if transposed {
+                    // stored row i = Σⱼ A[j][i] · (s·B[:, j])
+                    for i in 0..inp {
+                        left[i * rank + col] = t.a[j * inp + i];
+                    }
+                    for o in 0..out {
+                        right[col * stored_cols + o] = t.scale * t.b[o * t.rank + j];
+                    }
+                } else {
+                    // stored row o = Σⱼ (s·B[o][j]) · A[j]
+                    for o in 0..out {
+                        left[o * rank + col] = t.scale * t.b[o * t.rank + j];
+                    }
+                    right[col * stored_cols..(col + 1) * stored_cols]
+                        .copy_from_slice(&t.a[j * inp..(j + 1) * inp]);
+                }
+            }
+            offset += t.rank;
+        }
+        Ok(LoraProduct {
+            left,
+            right,
+            rank,
+            stored_rows,
+            stored_cols,
+        })
+    }
+
+    /// Adds this product's stored row `row` to `acc`.
+    #[inline]
+    pub fn add_row(&self, row: usize, acc: &mut [f32]) {
+        let coefs = &self.left[row * self.rank..(row + 1) * self.rank];
+        for (j, &c) in coefs.iter().enumerate() {
+            if c == 0.0 {
+                continue;
+            }
+            let r = &self.right[j * self.stored_cols..(j + 1) * self.stored_cols];
+            for (a, &x) in acc.iter_mut().zip(r) {
+                *a += c * x;
+            }
+        }
+    }
+}
+
+/// DoRA's per-output-row factor `m / ‖W + ΔW‖`, computed once per tensor.
+#[derive(Debug, Clone)]
+pub struct DoraScale {
+    factors: Vec<f32>,
+    transposed: bool,
+}
+
+impl DoraScale {
+    /// Computes the factors from the base weight (stored rows of `base`), the product, and the
+    /// magnitude vector (one value per logical output row).
+    pub fn new(
+        base: &[u8],
+        dtype: Dtype,
+        product: &LoraProduct,
+        transposed: bool,
+        magnitude: &[f32],
+    ) -> Result<DoraScale> {
+        let (rows, cols) = (product.stored_rows, product.stored_cols);
+        let outputs = if transposed { cols } else { rows };
+        if magnitude.len() != outputs {
+            return Err(Error::Shape {
+                message: format!(
+                    "the DoRA magnitude has {} values for {outputs} output rows",
+                    magnitude.len()
+                ),
+            });
+        }
+        let size = dtype_size(dtype)?;
+        let row_sums: Vec<Vec<f64>> = (0..rows)
+            .into_par_iter()
+            .map(|r| {
+                let mut acc = vec![0f32; cols];
+                decode_f32(
+                    dtype,
+                    &base[r * cols * size..(r + 1) * cols * size],
+                    &mut acc,
+                )?;
+                product.add_row(r, &mut acc);
+                Ok(if transposed {
+                    acc.iter().map(|&v| (v as f64) * (v as f64)).collect()
+                } else {
+                    vec![acc.iter().map(|&v| (v as f64) * (v as f64)).sum()]
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut sq = vec![0f64; outputs];
+        for (r, sums) in row_sums.iter().enumerate() {
+            if transposed {
+                for (s, v) in sq.iter_mut().zip(sums) {
+                    *s += v;
+                }
+            } else {
+                sq[r] = sums[0];
+            }
+        }
+        let factors = sq
+            .iter()
+            .zip(magnitude)
+            .map(|(s, &m)| (m as f64 / s.sqrt()) as f32)
+            .collect();
+        Ok(DoraScale {
+            factors,
+            transposed,
+        })
+    }
+}
+
+fn dtype_size(dtype: Dtype) -> Result<usize> {
+    match dtype {
+        Dtype::F32 => Ok(4),
+        Dtype::F16 | Dtype::BF16 => Ok(2),
+        other => Err(Error::Dtype { dtype: other }),
+    }
+}
+
+/// Sums for the merge report.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MergeStats {
+    /// Σ W² of the base.
+    pub base_sq: f64,
+    /// Σ (W' − W)² in f32 before rounding.
+    pub delta_sq: f64,
+}
+
+impl MergeStats {
+    pub fn add(&mut self, other: MergeStats) {
+        self.base_sq += other.base_sq;
+        self.delta_sq += other.delta_sq;
+    }
+
+    /// ‖ΔW‖ / ‖W‖.
+    pub fn relative_delta(&self) -> f64 {
+        if self.base_sq == 0.0 {
+            if self.delta_sq == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            (self.delta_sq / self.base_sq).sqrt()
+        }
+    }
+}
+
+/// Merges stored rows `first_row ..` of a weight into `out` (16-bit, whole rows), in
+/// parallel. `base` is the whole stored tensor (`stored_rows × stored_cols` of `base_dtype`).
+/// Without a product (a plain conversion) the rows are only converted.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_rows(
+    base: &[u8],
+    base_dtype: Dtype,
+    stored_cols: usize,
+    product: Option<&LoraProduct>,
+    dora: Option<&DoraScale>,
+    first_row: usize,
+    out_dtype: Dtype,
+    out: &mut [u8],
+) -> Result<MergeStats> {
+    let size = dtype_size(base_dtype)?;
+    if !out_dtype.is_half() {
+        return Err(Error::Dtype { dtype: out_dtype });
+    }
+    let out_row_bytes = stored_cols * 2;
+    if stored_cols == 0 {
+        return Ok(MergeStats::default());
+    }
+    let stats = out
+        .par_chunks_mut(out_row_bytes)
+        .enumerate()
+        .map_init(
+            || (vec![0f32; stored_cols], vec![0f32; stored_cols]),
+            |(acc, orig), (i, dst)| -> Result<MergeStats> {
+                let row = first_row + i;
+                let src = &base[row * stored_cols * size..(row + 1) * stored_cols * size];
+                decode_f32(base_dtype, src, orig)?;
+                acc.copy_from_slice(orig);
+                let mut stats = MergeStats::default();
+                if let Some(p) = product {
+                    p.add_row(row, acc);
+                }
+                if let Some(d) = dora {
+                    if d.transposed {
+                        for (a, f) in acc.iter_mut().zip(&d.factors) {
+                            *a *= f;
+                        }
+                    } else {
+                        let f = d.factors[row];
+                        for a in acc.iter_mut() {
+                            *a *= f;
+                        }
+                    }
+                }
+                if product.is_some() {
+                    for (a, o) in acc.iter().zip(orig.iter()) {
+                        let d = (*a - *o) as f64;
+                        stats.delta_sq += d * d;
+                        stats.base_sq += (*o as f64) * (*o as f64);
+                    }
+                    if acc.iter().any(|v| !v.is_finite()) && orig.iter().all(|v| v.is_finite()) {
+                        return Err(Error::NonFinite { row });
+                    }
+                }
+                encode_half(out_dtype, acc, dst)?;
+                Ok(stats)
+            },
+        )
+        .try_reduce(MergeStats::default, |mut a, b| {
+            a.add(b);
+            Ok(a)
+        })?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|x| st_io::convert::f32_to_bf16_bits(*x).to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn plain_lora_adds_scaled_b_times_a() {
+        // W = 0 (2×3), A = [[1,2,3]], B = [[1],[2]], s = 0.5 → ΔW = 0.5·[[1,2,3],[2,4,6]].
+        let a = [1.0, 2.0, 3.0];
+        let b = [1.0, 2.0];
+        let p = LoraProduct::new(
+            2,
+            3,
+            false,
+            &[LoraTerm {
+                a: &a,
+                b: &b,
+                rank: 1,
+                scale: 0.5,
+            }],
+        )
+        .unwrap();
+        let base = bf16_bytes(&[0.0; 6]);
+        let mut out = vec![0u8; 12];
+        merge_rows(
+            &base,
+            Dtype::BF16,
+            3,
+            Some(&p),
+            None,
+            0,
+            Dtype::BF16,
+            &mut out,
+        )
+        .unwrap();
+        let got: Vec<f32> = out
+            .chunks(2)
+            .map(|c| st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        assert_eq!(got, [0.5, 1.0, 1.5, 1.0, 2.0, 3.0]);
+        // Transposed storage gives the transpose.
+        let p = LoraProduct::new(
+            2,
+            3,
+            true,
+            &[LoraTerm {
+                a: &a,
+                b: &b,
+                rank: 1,
+                scale: 0.5,
+            }],
+        )
+        .unwrap();
+        merge_rows(
+            &base,
+            Dtype::BF16,
+            2,
+            Some(&p),
+            None,
+            0,
+            Dtype::BF16,
+            &mut out,
+        )
+        .unwrap();
+        let got: Vec<f32> = out
+            .chunks(2)
+            .map(|c| st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        assert_eq!(got, [0.5, 1.0, 1.0, 2.0, 1.5, 3.0]);
+    }
+
+    #[test]
+    fn dora_rescales_rows_to_the_magnitude() {
+        let a = [0.0, 0.0];
+        let b = [0.0, 0.0];
+        let p = LoraProduct::new(
+            2,
+            2,
+            false,
+            &[LoraTerm {
+                a: &a,
+                b: &b,
+                rank: 1,
+                scale: 1.0,
+            }],
+        )
+        .unwrap();
+        let base = bf16_bytes(&[3.0, 4.0, 0.0, 2.0]);
+        let d = DoraScale::new(&base, Dtype::BF16, &p, false, &[10.0, 1.0]).unwrap();
+        let mut out = vec![0u8; 8];
+        merge_rows(
+            &base,
+            Dtype::BF16,
+            2,
+            Some(&p),
+            Some(&d),
+            0,
+            Dtype::BF16,
+            &mut out,
+        )
+        .unwrap();
+        let got: Vec<f32> = out
+            .chunks(2)
+            .map(|c| st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        assert_eq!(got, [6.0, 8.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn rejects_shapes_that_do_not_agree() {
+        let e = LoraProduct::new(
+            2,
+            3,
+            false,
+            &[LoraTerm {
+                a: &[0.0; 3],
+                b: &[0.0; 3],
+                rank: 1,
+                scale: 1.0,
+            }],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rank 1 of a [2, 3] weight"), "{e}");
+    }
+}

@@ -1,0 +1,786 @@
+//! `weightsmith merge`: LoRA adapters merged into their base, streamed shard by shard into a
+//! standalone 16-bit checkpoint that transformers loads with no PEFT.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use lora_kernels::cpu::merge_rows;
+use lora_kernels::{encode_half, to_f32_vec, DoraScale, LoraProduct, LoraTerm, MergeStats};
+use serde::Serialize;
+use st_io::convert::can_convert;
+use st_io::writer::DEFAULT_MAX_SHARD_BYTES;
+use st_io::{
+    Checkpoint, Dtype, LoraAdapter, LoraKind, ShardWriter, TensorInfo, TensorSpec, WriterOptions,
+};
+
+use crate::card::{model_card, CardFacts};
+use crate::{Error, Result};
+
+/// The version of the JSON document [`MergeReport`] serialises to.
+pub const MERGE_SCHEMA_VERSION: u32 = 1;
+
+/// Where the arithmetic runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeDevice {
+    /// A GPU when there is one, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(u32),
+}
+
+/// Options of [`merge`].
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Adapter folders and their weights (1.0 for a plain merge).
+    pub adapters: Vec<(PathBuf, f64)>,
+    pub out: PathBuf,
+    /// Output dtype: F16 or BF16; default the base's if 16-bit, else BF16.
+    pub dtype: Option<Dtype>,
+    pub device: MergeDevice,
+    pub max_shard_bytes: u64,
+    /// Recompute sample rows in f64 and report the largest error in ulps.
+    pub verify: bool,
+    /// Replace an existing output folder.
+    pub force: bool,
+}
+
+impl MergeOptions {
+    pub fn new(adapters: Vec<(PathBuf, f64)>, out: impl Into<PathBuf>) -> MergeOptions {
+        MergeOptions {
+            adapters,
+            out: out.into(),
+            dtype: None,
+            device: MergeDevice::Auto,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            verify: false,
+            force: false,
+        }
+    }
+}
+
+/// Progress of a merge, for a bar or a GUI.
+#[derive(Debug, Clone)]
+pub struct MergeProgress<'a> {
+    pub tensor: &'a str,
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterSummary {
+    pub path: String,
+    pub weight: f64,
+    pub r: u64,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub modules: usize,
+    pub replaced_tensors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleReport {
+    pub tensor: String,
+    /// ‖W' − W‖ / ‖W‖.
+    pub relative_delta: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub rows_checked: usize,
+    pub max_ulps: u32,
+    pub worst_tensor: Option<String>,
+}
+
+/// What [`merge`] did; its JSON form is documented in the README.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    pub schema_version: u32,
+    pub base: String,
+    pub out: String,
+    pub dtype: String,
+    pub device: String,
+    pub adapters: Vec<AdapterSummary>,
+    pub tensors_written: usize,
+    pub tensor_bytes: u64,
+    pub files: Vec<(String, u64)>,
+    pub modules: Vec<ModuleReport>,
+    pub verify: Option<VerifyReport>,
+    pub seconds: f64,
+}
+
+/// What to do with one output tensor.
+struct Job<'a> {
+    spec: TensorSpec,
+    /// Source bytes and dtype (the base's, or a replacement from an adapter).
+    source: &'a [u8],
+    source_dtype: Dtype,
+    lora: Option<LoraJob<'a>>,
+    /// Extra terms for a `.bias` with LoRA bias: (values, scale).
+    bias_terms: Vec<(Vec<f32>, f32)>,
+}
+
+struct LoraJob<'a> {
+    out: usize,
+    inp: usize,
+    transposed: bool,
+    terms: Vec<(Vec<f32>, Vec<f32>, usize, f64)>,
+    magnitude: Option<Vec<f32>>,
+    _marker: std::marker::PhantomData<&'a ()>,
+}
+
+/// Merges the adapters into the base and writes the result to `options.out`.
+pub fn merge(
+    base_path: impl AsRef<Path>,
+    options: &MergeOptions,
+    progress: &mut dyn FnMut(MergeProgress),
+) -> Result<MergeReport> {
+    let started = Instant::now();
+    let base_path = base_path.as_ref();
+    if options.adapters.is_empty() {
+        return Err(Error::Usage("give at least one --adapter".into()));
+    }
+    let device = match options.device {
+        MergeDevice::Auto | MergeDevice::Cpu => "cpu",
+        MergeDevice::Cuda(n) => return Err(Error::Usage(format!(
+            "--device cuda:{n}: the CUDA merge path is not built yet; use --device cpu (or auto)"
+        ))),
+    };
+    if options.out.exists() && !options.force {
+        return Err(st_io::Error::DestinationExists {
+            path: options.out.clone(),
+        }
+        .into());
+    }
+    let base = Checkpoint::open(base_path)?;
+    let adapters: Vec<(LoraAdapter, f64)> = options
+        .adapters
+        .iter()
+        .map(|(p, w)| LoraAdapter::open(p).map(|a| (a, *w)))
+        .collect::<std::result::Result<_, _>>()?;
+    if adapters.len() > 1 && adapters.iter().any(|(a, _)| a.config.use_dora) {
+        return Err(Error::Usage(
+            "DoRA adapters cannot be combined with other adapters: merge them one at a time".into(),
+        ));
+    }
+    let out_dtype = match options.dtype {
+        Some(d) if d.is_half() => d,
+        Some(d) => {
+            return Err(Error::Usage(format!(
+                "--dtype must be bf16 or f16, not {d}"
+            )))
+        }
+        None => dominant_half(&base).unwrap_or(Dtype::BF16),
+    };
+    let jobs = plan_jobs(&base, &adapters, out_dtype)?;
+    let tied_head_added = jobs.iter().any(|j| base.tensor(&j.spec.name).is_none());
+    let vocab_resized = resized_vocab(&base, &jobs);
+
+    let specs: Vec<TensorSpec> = jobs.iter().map(|j| j.spec.clone()).collect();
+    let bytes_total: u64 = specs.iter().filter_map(TensorSpec::bytes).sum();
+    let writer_options = WriterOptions {
+        max_shard_bytes: options.max_shard_bytes,
+        replace_existing: options.force,
+        ..WriterOptions::default()
+    };
+    let mut writer = ShardWriter::create(&options.out, specs, writer_options)?;
+    let mut modules = Vec::new();
+    let mut bytes_done = 0u64;
+    let total = jobs.len();
+    for (i, job) in jobs.iter().enumerate() {
+        progress(MergeProgress {
+            tensor: &job.spec.name,
+            tensors_done: i,
+            tensors_total: total,
+            bytes_done,
+            bytes_total,
+        });
+        let stats = write_job(&mut writer, job, out_dtype)?;
+        if job.lora.is_some() || !job.bias_terms.is_empty() {
+            modules.push(ModuleReport {
+                tensor: job.spec.name.clone(),
+                relative_delta: stats.relative_delta(),
+            });
+        }
+        bytes_done += job.spec.bytes().unwrap_or(0);
+    }
+    progress(MergeProgress {
+        tensor: "",
+        tensors_done: total,
+        tensors_total: total,
+        bytes_done,
+        bytes_total,
+    });
+
+    // Everything that is not weights comes along; config.json is updated; a card is added.
+    let root = if base.root().is_dir() {
+        base.root().to_path_buf()
+    } else {
+        base.root().parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    copy_non_weight_files(
+        &root,
+        &mut writer,
+        out_dtype,
+        tied_head_added,
+        vocab_resized,
+    )?;
+    let summaries: Vec<AdapterSummary> = adapters
+        .iter()
+        .map(|(a, w)| AdapterSummary {
+            path: a.path.display().to_string(),
+            weight: *w,
+            r: a.config.r,
+            lora_alpha: a.config.lora_alpha,
+            use_rslora: a.config.use_rslora,
+            use_dora: a.config.use_dora,
+            modules: a.modules.len(),
+            replaced_tensors: a.replacements.keys().cloned().collect(),
+        })
+        .collect();
+    let card = model_card(&CardFacts {
+        base_model: adapters
+            .iter()
+            .find_map(|(a, _)| a.config.base_model_name_or_path.clone())
+            .unwrap_or_else(|| base_path.display().to_string()),
+        adapters: &summaries,
+        dtype: out_dtype,
+        license: None,
+    });
+    writer.add_file("README.md", card.as_bytes())?;
+    let summary = writer.finish()?;
+
+    let verify = if options.verify {
+        Some(verify_output(&options.out, &jobs, out_dtype)?)
+    } else {
+        None
+    };
+    Ok(MergeReport {
+        schema_version: MERGE_SCHEMA_VERSION,
+        base: base_path.display().to_string(),
+        out: options.out.display().to_string(),
+        dtype: out_dtype.to_string(),
+        device: device.to_string(),
+        adapters: summaries,
+        tensors_written: total,
+        tensor_bytes: summary.tensor_bytes,
+        files: summary.files,
+        modules,
+        verify,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The base's 16-bit float dtype, if its floats are all F16 or all BF16.
+fn dominant_half(base: &Checkpoint) -> Option<Dtype> {
+    let mut bytes: HashMap<Dtype, u64> = HashMap::new();
+    for t in base.tensors().iter().filter(|t| t.dtype.is_float()) {
+        *bytes.entry(t.dtype).or_default() += t.len;
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map(|(d, _)| d)
+        .filter(|d| d.is_half())
+}
+
+fn resized_vocab(base: &Checkpoint, jobs: &[Job]) -> Option<u64> {
+    let config_vocab = base.config().and_then(|c| c.vocab_size)?;
+    jobs.iter()
+        .filter(|j| {
+            matches!(
+                st_io::layout::classify(&j.spec.name),
+                st_io::layout::TensorPlace::Embedding | st_io::layout::TensorPlace::Head
+            )
+        })
+        .filter(|j| j.spec.shape.len() == 2)
+        .map(|j| j.spec.shape[0])
+        .find(|&v| v != config_vocab && v > 1)
+}
+
+fn module_error(adapter: &LoraAdapter, module: &str, message: String) -> Error {
+    st_io::Error::BadAdapterModule {
+        file: adapter.path.join(st_io::adapter::ADAPTER_WEIGHTS_NAME),
+        module: module.to_string(),
+        message,
+    }
+    .into()
+}
+
+/// Decides, for every output tensor, its source, dtype, shape and LoRA terms.
+fn plan_jobs<'a>(
+    base: &'a Checkpoint,
+    adapters: &'a [(LoraAdapter, f64)],
+    out_dtype: Dtype,
+) -> Result<Vec<Job<'a>>> {
+    // Replacements (modules_to_save, saved embeddings, trained biases).
+    let mut replaced: BTreeMap<&str, (&LoraAdapter, &TensorInfo)> = BTreeMap::new();
+    for (a, _) in adapters {
+        for (name, t) in &a.replacements {
+            if replaced.insert(name.as_str(), (a, t)).is_some() {
+                return Err(Error::Usage(format!(
+                    "two adapters both replace \"{name}\": merge them one at a time"
+                )));
+            }
+            let fits = match base.tensor(name) {
+                Some(b) => {
+                    b.shape == t.shape
+                        || (b.shape.len() == 2
+                            && b.shape[1..] == t.shape[1..]
+                            && is_vocab_tensor(name))
+                }
+                None => is_vocab_tensor(name) && base.layout().tied_embeddings,
+            };
+            if !fits {
+                let found = base
+                    .tensor(name)
+                    .map(|b| format!("{:?}", b.shape))
+                    .unwrap_or_else(|| "no such tensor".into());
+                return Err(module_error(
+                    a,
+                    name,
+                    format!(
+                        "replaces a base tensor of shape {found} with shape {:?}",
+                        t.shape
+                    ),
+                ));
+            }
+        }
+    }
+    let mut names: Vec<&str> = base.tensors().iter().map(|t| t.name.as_str()).collect();
+    // A tied base whose head the adapter saved separately: the head is written too.
+    let extra: Vec<&str> = replaced
+        .keys()
+        .copied()
+        .filter(|n| base.tensor(n).is_none())
+        .collect();
+    names.extend(extra);
+    let mut jobs = Vec::with_capacity(names.len());
+    for name in names {
+        let (source, dtype, shape) = match (replaced.get(name), base.tensor(name)) {
+            (Some((a, t)), _) => (a.tensor_bytes(t), t.dtype, t.shape.clone()),
+            (None, Some(t)) => (base.tensor_bytes(t), t.dtype, t.shape.clone()),
+            (None, None) => unreachable!("names come from the base or the replacements"),
+        };
+        let target_dtype = if can_convert(dtype, out_dtype) {
+            out_dtype
+        } else {
+            dtype
+        };
+        let mut job = Job {
+            spec: TensorSpec::new(name, target_dtype, shape.clone()),
+            source,
+            source_dtype: dtype,
+            lora: None,
+            bias_terms: Vec::new(),
+        };
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        for (a, weight) in adapters {
+            let Some(m) = a.modules.get(module) else {
+                continue;
+            };
+            if name.ends_with(".bias") {
+                if let Some(b) = &m.lora_bias {
+                    job.bias_terms.push((
+                        to_f32_vec(b.dtype, a.tensor_bytes(b))?,
+                        (m.scaling * weight) as f32,
+                    ));
+                }
+                continue;
+            }
+            if !name.ends_with(".weight") {
+                continue;
+            }
+            if !can_convert(dtype, out_dtype) {
+                return Err(module_error(a, module, format!("targets \"{name}\" of dtype {dtype}; merging needs an F32, F16 or BF16 base weight")));
+            }
+            let (out, inp) = (m.b.shape[0] as usize, m.a.shape[1] as usize);
+            let transposed = m.kind == LoraKind::Embedding || a.config.fan_in_fan_out;
+            let expected = if transposed {
+                vec![inp as u64, out as u64]
+            } else {
+                vec![out as u64, inp as u64]
+            };
+            if shape != expected {
+                return Err(module_error(a, module, format!(
+                    "has A {:?} and B {:?}, which need a base weight of shape {expected:?}, but \"{name}\" has shape {shape:?}",
+                    m.a.shape, m.b.shape
+                )));
+            }
+            let lora = job.lora.get_or_insert_with(|| LoraJob {
+                out,
+                inp,
+                transposed,
+                terms: Vec::new(),
+                magnitude: None,
+                _marker: std::marker::PhantomData,
+            });
+            if lora.transposed != transposed {
+                return Err(module_error(
+                    a,
+                    module,
+                    "is stored transposed in one adapter and not in another".into(),
+                ));
+            }
+            lora.terms.push((
+                to_f32_vec(m.a.dtype, a.tensor_bytes(&m.a))?,
+                to_f32_vec(m.b.dtype, a.tensor_bytes(&m.b))?,
+                m.rank as usize,
+                m.scaling * weight,
+            ));
+            if let Some(mag) = &m.magnitude {
+                let values = to_f32_vec(mag.dtype, a.tensor_bytes(mag))?;
+                if values.len() != out {
+                    return Err(module_error(
+                        a,
+                        module,
+                        format!(
+                            "has a DoRA magnitude of {} values for {out} output rows",
+                            values.len()
+                        ),
+                    ));
+                }
+                lora.magnitude = Some(values);
+            }
+        }
+        if !job.bias_terms.is_empty() && !can_convert(dtype, out_dtype) {
+            return Err(Error::Usage(format!(
+                "\"{name}\" has LoRA bias terms but dtype {dtype}"
+            )));
+        }
+        jobs.push(job);
+    }
+    // Every module of every adapter found its base weight.
+    for (a, _) in adapters {
+        for (module, m) in &a.modules {
+            let weight = format!("{module}.weight");
+            if !jobs.iter().any(|j| j.spec.name == weight) {
+                return Err(module_error(a, module, format!("targets \"{weight}\", which the base does not have (an adapter for another model?)")));
+            }
+            if m.lora_bias.is_some()
+                && !jobs.iter().any(|j| j.spec.name == format!("{module}.bias"))
+            {
+                return Err(module_error(
+                    a,
+                    module,
+                    "has a LoRA bias but the base layer has no bias".into(),
+                ));
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+fn is_vocab_tensor(name: &str) -> bool {
+    matches!(
+        st_io::layout::classify(name),
+        st_io::layout::TensorPlace::Embedding | st_io::layout::TensorPlace::Head
+    )
+}
+
+/// Rows per block: about 8 MiB of output.
+fn block_rows(cols: usize) -> usize {
+    ((8usize << 20) / (cols.max(1) * 2)).max(1)
+}
+
+fn write_job(writer: &mut ShardWriter, job: &Job, out_dtype: Dtype) -> Result<MergeStats> {
+    let name = job.spec.name.as_str();
+    let target = job.spec.dtype;
+    // Not a float we convert: copied as it is.
+    if !can_convert(job.source_dtype, target) {
+        writer.write_tensor(name, job.source)?;
+        return Ok(MergeStats::default());
+    }
+    if !job.bias_terms.is_empty() {
+        let mut values = to_f32_vec(job.source_dtype, job.source)?;
+        let orig = values.clone();
+        for (b, scale) in &job.bias_terms {
+            if b.len() != values.len() {
+                return Err(Error::Usage(format!(
+                    "\"{name}\" has {} values but its LoRA bias {}",
+                    values.len(),
+                    b.len()
+                )));
+            }
+            for (v, x) in values.iter_mut().zip(b) {
+                *v += scale * x;
+            }
+        }
+        let stats = MergeStats {
+            base_sq: orig.iter().map(|v| (*v as f64).powi(2)).sum(),
+            delta_sq: values
+                .iter()
+                .zip(&orig)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum(),
+        };
+        let mut out = vec![0u8; values.len() * 2];
+        encode_half(target, &values, &mut out)?;
+        writer.write_tensor(name, &out)?;
+        return Ok(stats);
+    }
+    let (rows, cols) = match job.spec.shape.as_slice() {
+        [] => (1, 1),
+        [n] => (1, *n as usize),
+        [first, rest @ ..] => (*first as usize, rest.iter().product::<u64>() as usize),
+    };
+    let product = match &job.lora {
+        Some(l) => {
+            let terms: Vec<LoraTerm> = l
+                .terms
+                .iter()
+                .map(|(a, b, r, s)| LoraTerm {
+                    a,
+                    b,
+                    rank: *r,
+                    scale: *s as f32,
+                })
+                .collect();
+            Some(LoraProduct::new(l.out, l.inp, l.transposed, &terms).map_err(Error::Kernel)?)
+        }
+        None => None,
+    };
+    let dora = match (&job.lora, &product) {
+        (
+            Some(LoraJob {
+                magnitude: Some(m),
+                transposed,
+                ..
+            }),
+            Some(p),
+        ) => Some(
+            DoraScale::new(job.source, job.source_dtype, p, *transposed, m)
+                .map_err(Error::Kernel)?,
+        ),
+        _ => None,
+    };
+    let mut stats = MergeStats::default();
+    let step = block_rows(cols);
+    let mut buffer = vec![0u8; step.min(rows) * cols * 2];
+    let mut failure = None;
+    writer
+        .write_tensor_with(name, |sink| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut row = 0;
+            while row < rows {
+                let n = step.min(rows - row);
+                let out = &mut buffer[..n * cols * 2];
+                match merge_rows(
+                    job.source,
+                    job.source_dtype,
+                    cols,
+                    product.as_ref(),
+                    dora.as_ref(),
+                    row,
+                    out_dtype_for(target, out_dtype),
+                    out,
+                ) {
+                    Ok(s) => stats.add(s),
+                    Err(e) => {
+                        failure = Some(e);
+                        return Err(std::io::Error::other("merge failed"));
+                    }
+                }
+                sink.write_all(out)?;
+                row += n;
+            }
+            Ok(())
+        })
+        .map_err(|e| match failure.take() {
+            Some(k) => Error::Kernel(k),
+            None => e.into(),
+        })?;
+    Ok(stats)
+}
+
+fn out_dtype_for(target: Dtype, out_dtype: Dtype) -> Dtype {
+    if target.is_half() {
+        target
+    } else {
+        out_dtype
+    }
+}
+
+fn copy_non_weight_files(
+    root: &Path,
+    writer: &mut ShardWriter,
+    out_dtype: Dtype,
+    untie: bool,
+    vocab: Option<u64>,
+) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| st_io::Error::Io {
+            path: root.to_path_buf(),
+            source: e,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let lower = name.to_ascii_lowercase();
+        let weights = lower.ends_with(".safetensors")
+            || lower.ends_with(".bin")
+            || lower.ends_with(".pt")
+            || lower.ends_with(".pth")
+            || lower.ends_with(".gguf")
+            || lower.ends_with(".safetensors.index.json")
+            || lower.ends_with(".bin.index.json");
+        let adapter = lower.starts_with("adapter_");
+        if weights || adapter || name == "README.md" || name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|e| st_io::Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        let bytes = if name == "config.json" {
+            updated_config(&path, &bytes, out_dtype, untie, vocab)?
+        } else {
+            bytes
+        };
+        writer.add_file(name, &bytes)?;
+    }
+    Ok(())
+}
+
+/// config.json with the dtype of the output, no quantization_config, and the vocabulary and
+/// tying as written.
+fn updated_config(
+    path: &Path,
+    bytes: &[u8],
+    out_dtype: Dtype,
+    untie: bool,
+    vocab: Option<u64>,
+) -> Result<Vec<u8>> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| st_io::Error::BadConfig {
+            file: path.to_path_buf(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+    let dtype = if out_dtype == Dtype::F16 {
+        "float16"
+    } else {
+        "bfloat16"
+    };
+    if let Some(obj) = v.as_object_mut() {
+        let has_torch = obj.contains_key("torch_dtype");
+        if obj.contains_key("dtype") || !has_torch {
+            obj.insert("dtype".into(), dtype.into());
+        }
+        if has_torch {
+            obj.insert("torch_dtype".into(), dtype.into());
+        }
+        obj.remove("quantization_config");
+        if untie {
+            obj.insert("tie_word_embeddings".into(), false.into());
+        }
+        if let Some(n) = vocab {
+            obj.insert("vocab_size".into(), n.into());
+        }
+    }
+    let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
+    text.push('\n');
+    Ok(text.into_bytes())
+}
+
+/// Recomputes sample rows of every merged tensor in f64 and compares with what was written.
+fn verify_output(out: &Path, jobs: &[Job], out_dtype: Dtype) -> Result<VerifyReport> {
+    let written = Checkpoint::open(out)?;
+    let mut report = VerifyReport {
+        rows_checked: 0,
+        max_ulps: 0,
+        worst_tensor: None,
+    };
+    for job in jobs {
+        let Some(l) = &job.lora else { continue };
+        let Some(t) = written.tensor(&job.spec.name) else {
+            continue;
+        };
+        let bytes = written.tensor_bytes(t);
+        let rows = job.spec.shape[0] as usize;
+        let cols = bytes.len() / 2 / rows.max(1);
+        let terms: Vec<lora_kernels::reference::TermRef> = l
+            .terms
+            .iter()
+            .map(|(a, b, r, s)| lora_kernels::reference::TermRef {
+                a,
+                b,
+                rank: *r,
+                scale: *s,
+            })
+            .collect();
+        // DoRA factors in f64, from every row (cheap next to the merge itself).
+        let factors: Option<Vec<f64>> = match &l.magnitude {
+            None => None,
+            Some(m) => {
+                let mut sq = vec![0f64; m.len()];
+                for r in 0..rows {
+                    let row = lora_kernels::reference::merged_row(
+                        job.source,
+                        job.source_dtype,
+                        l.out,
+                        l.inp,
+                        l.transposed,
+                        &terms,
+                        r,
+                    )
+                    .map_err(Error::Kernel)?;
+                    for (c, v) in row.iter().enumerate() {
+                        sq[if l.transposed { c } else { r }] += v * v;
+                    }
+                }
+                Some(
+                    sq.iter()
+                        .zip(m)
+                        .map(|(s, &m)| m as f64 / s.sqrt())
+                        .collect(),
+                )
+            }
+        };
+        let samples: Vec<usize> = (0..8).map(|k| (k * 7919 + 13) % rows.max(1)).collect();
+        for r in samples {
+            let mut row = lora_kernels::reference::merged_row(
+                job.source,
+                job.source_dtype,
+                l.out,
+                l.inp,
+                l.transposed,
+                &terms,
+                r,
+            )
+            .map_err(Error::Kernel)?;
+            if let Some(f) = &factors {
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v *= f[if l.transposed { c } else { r }];
+                }
+            }
+            for (c, v) in row.iter().enumerate() {
+                let expect = round_bits(*v, out_dtype);
+                let off = (r * cols + c) * 2;
+                let got = u16::from_le_bytes([bytes[off], bytes[off + 1]]);
+                let d = lora_kernels::ulp_distance(expect, got);
+                if d > report.max_ulps {
+                    report.max_ulps = d;
+                    report.worst_tensor = Some(job.spec.name.clone());
+                }
+            }
+            report.rows_checked += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Rounds an f64 to 16-bit bits directly (one rounding from the exact-ish value).
+fn round_bits(v: f64, dtype: Dtype) -> u16 {
+    if dtype == Dtype::F16 {
+        half::f16::from_f64(v).to_bits()
+    } else {
+        half::bf16::from_f64(v).to_bits()
+    }
+}
