@@ -8,7 +8,11 @@ use weightsmith_tests::{fixture, sha256_hex, weightsmith};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = weightsmith(args);
-    (out.status.code().unwrap_or(-1), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 fn s(p: &Path) -> String {
@@ -21,12 +25,28 @@ fn the_readme_merge_makes_a_complete_model() {
     let out = tmp.path().join("merged");
     let base = fixture("models/tiny-llama");
     let adapter = fixture("adapters/llama-lora/adapter");
-    let (code, stdout, err) = run(&["merge", "--base", &s(&base), "--adapter", &s(&adapter), "--out", &s(&out)]);
+    let (code, stdout, err) = run(&[
+        "merge",
+        "--base",
+        &s(&base),
+        "--adapter",
+        &s(&adapter),
+        "--out",
+        &s(&out),
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("merged 1 adapter(s)"), "{stdout}");
-    assert!(stdout.contains("model.layers.2.mlp.down_proj.weight"), "the report lists changed tensors: {stdout}");
+    assert!(
+        stdout.contains("model.layers.2.mlp.down_proj.weight"),
+        "the report lists changed tensors: {stdout}"
+    );
     // Every non-weight file of the base, unchanged (config.json aside).
-    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
         let a = std::fs::read(base.join(f)).unwrap();
         let b = std::fs::read(out.join(f)).unwrap_or_else(|_| panic!("{f} not copied"));
         assert_eq!(sha256_hex(&a), sha256_hex(&b), "{f} changed");
@@ -36,13 +56,18 @@ fn the_readme_merge_makes_a_complete_model() {
         let name = e.unwrap().file_name().into_string().unwrap();
         assert!(!name.starts_with("adapter_"), "{name} in the output");
     }
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dtype"], "bfloat16");
     assert!(config.get("quantization_config").is_none());
     assert_eq!(config["tie_word_embeddings"], false);
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.starts_with("---\nbase_model: "), "{card}");
-    assert!(card.contains("base_model_relation: merge") && card.contains("- weightsmith") && card.contains("library_name: transformers"));
+    assert!(
+        card.contains("base_model_relation: merge")
+            && card.contains("- weightsmith")
+            && card.contains("library_name: transformers")
+    );
     // It is a valid checkpoint that inspects cleanly.
     let (code, text, err) = run(&["inspect", &s(&out)]);
     assert_eq!(code, 0, "{err}");
@@ -56,10 +81,26 @@ fn reports_json_and_shards_as_asked() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
     let (code, stdout, err) = run(&[
-        "merge", "--base", &s(&fixture("models/tiny-llama")),
-        "--adapter", &s(&fixture("adapters/llama-two-weighted/adapter")),
-        "--adapter", &format!("{}:0.5", s(&fixture("adapters/llama-two-weighted/adapter2"))),
-        "--out", &s(&out), "--dtype", "f16", "--max-shard-size", "100KB", "--verify", "--json", "--device", "cpu",
+        "merge",
+        "--base",
+        &s(&fixture("models/tiny-llama")),
+        "--adapter",
+        &s(&fixture("adapters/llama-two-weighted/adapter")),
+        "--adapter",
+        &format!(
+            "{}:0.5",
+            s(&fixture("adapters/llama-two-weighted/adapter2"))
+        ),
+        "--out",
+        &s(&out),
+        "--dtype",
+        "f16",
+        "--max-shard-size",
+        "100KB",
+        "--verify",
+        "--json",
+        "--device",
+        "cpu",
     ]);
     assert_eq!(code, 0, "{err}");
     let r: Value = serde_json::from_str(&stdout).unwrap();
@@ -67,9 +108,14 @@ fn reports_json_and_shards_as_asked() {
     assert_eq!(r["dtype"], "F16");
     assert_eq!(r["adapters"][1]["weight"], 0.5);
     assert!(r["verify"]["max_ulps"].as_u64().unwrap() <= 1);
-    assert!(r["modules"].as_array().unwrap().iter().all(|m| m["relative_delta"].as_f64().unwrap() > 0.0));
+    assert!(r["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["relative_delta"].as_f64().unwrap() > 0.0));
     assert!(out.join("model.safetensors.index.json").exists());
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dtype"], "float16");
 }
 
@@ -79,7 +125,15 @@ fn refuses_an_existing_output_unless_forced() {
     let out = tmp.path().join("merged");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("mine.txt"), "keep").unwrap();
-    let args = ["merge", "--base", &s(&fixture("models/tiny-qwen2")), "--adapter", &s(&fixture("adapters/qwen2-tied-bias/adapter")), "--out", &s(&out)];
+    let args = [
+        "merge",
+        "--base",
+        &s(&fixture("models/tiny-qwen2")),
+        "--adapter",
+        &s(&fixture("adapters/qwen2-tied-bias/adapter")),
+        "--out",
+        &s(&out),
+    ];
     let (code, _, err) = run(&args);
     assert_eq!(code, 1);
     assert!(err.contains("already exists"), "{err}");
@@ -101,45 +155,109 @@ fn rejects_bad_adapters_and_options_with_clear_errors() {
     // An adapter made for another model.
     let (code, _, err) = run(&["merge", "--base", &qwen, "--adapter", &lora, "--out", &out]);
     assert_eq!(code, 1);
-    assert!(err.contains("module \"model.layers.0.mlp.down_proj\"") || err.contains("module \"model.layers.0."), "{err}");
+    assert!(
+        err.contains("module \"model.layers.0.mlp.down_proj\"")
+            || err.contains("module \"model.layers.0."),
+        "{err}"
+    );
     assert!(!tmp.path().join("o").exists());
     // A pickle adapter, a non-LoRA adapter, a broken config.
     let bin = tmp.path().join("bin-adapter");
     std::fs::create_dir(&bin).unwrap();
-    std::fs::copy(fixture("adapters/llama-lora/adapter/adapter_config.json"), bin.join("adapter_config.json")).unwrap();
+    std::fs::copy(
+        fixture("adapters/llama-lora/adapter/adapter_config.json"),
+        bin.join("adapter_config.json"),
+    )
+    .unwrap();
     std::fs::write(bin.join("adapter_model.bin"), b"pickle").unwrap();
-    let (code, _, err) = run(&["merge", "--base", &llama, "--adapter", &s(&bin), "--out", &out]);
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        &llama,
+        "--adapter",
+        &s(&bin),
+        "--out",
+        &out,
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains("adapter_model.bin") && err.contains("save_pretrained(out, safe_serialization=True)"), "{err}");
+    assert!(
+        err.contains("adapter_model.bin")
+            && err.contains("save_pretrained(out, safe_serialization=True)"),
+        "{err}"
+    );
     let ia3 = tmp.path().join("ia3");
     std::fs::create_dir(&ia3).unwrap();
     std::fs::write(ia3.join("adapter_config.json"), r#"{"peft_type":"IA3"}"#).unwrap();
-    let (code, _, err) = run(&["merge", "--base", &llama, "--adapter", &s(&ia3), "--out", &out]);
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        &llama,
+        "--adapter",
+        &s(&ia3),
+        "--out",
+        &out,
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("IA3 adapters are not supported"), "{err}");
     // A rank that disagrees with the config.
     let bad_rank = tmp.path().join("bad-rank");
     std::fs::create_dir(&bad_rank).unwrap();
-    std::fs::copy(fixture("adapters/llama-lora/adapter/adapter_model.safetensors"), bad_rank.join("adapter_model.safetensors")).unwrap();
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(fixture("adapters/llama-lora/adapter/adapter_config.json")).unwrap()).unwrap();
+    std::fs::copy(
+        fixture("adapters/llama-lora/adapter/adapter_model.safetensors"),
+        bad_rank.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("adapters/llama-lora/adapter/adapter_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
     cfg["r"] = 4.into();
     std::fs::write(bad_rank.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let (code, _, err) = run(&["merge", "--base", &llama, "--adapter", &s(&bad_rank), "--out", &out]);
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        &llama,
+        "--adapter",
+        &s(&bad_rank),
+        "--out",
+        &out,
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains("but the config gives this module rank 4"), "{err}");
+    assert!(
+        err.contains("but the config gives this module rank 4"),
+        "{err}"
+    );
     // Options.
     for (extra, needle) in [
         (vec!["--dtype", "f32"], "--dtype must be bf16 or f16"),
-        (vec!["--device", "tpu"], "--device must be auto, cpu or cuda:N"),
-        (vec!["--device", "cuda:0"], "the CUDA merge path is not built yet"),
+        (
+            vec!["--device", "tpu"],
+            "--device must be auto, cpu or cuda:N",
+        ),
+        (
+            vec!["--device", "cuda:0"],
+            "the CUDA merge path is not built yet",
+        ),
         (vec!["--max-shard-size", "big"], "invalid size \"big\""),
     ] {
-        let mut args = vec!["merge", "--base", llama.as_str(), "--adapter", lora.as_str(), "--out", out.as_str()];
+        let mut args = vec![
+            "merge",
+            "--base",
+            llama.as_str(),
+            "--adapter",
+            lora.as_str(),
+            "--out",
+            out.as_str(),
+        ];
         args.extend(extra);
         let (code, _, err) = run(&args);
         assert_eq!(code, 1, "{args:?}");
         assert!(err.contains(needle), "{needle:?} not in {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
     }
-    assert!(!tmp.path().join("o").exists(), "no output after any failure");
+    assert!(
+        !tmp.path().join("o").exists(),
+        "no output after any failure"
+    );
 }

@@ -89,9 +89,29 @@ impl LoraProduct {
         })
     }
 
-    /// Adds this product's stored row `row` to `acc`.
+    /// Adds this product's stored row `row` to `acc`: `acc += Σⱼ left[row][j] · right[j]`,
+    /// j in order, one multiply and one add per term (no fused multiply-add, so every machine
+    /// gets the same bits).
     #[inline]
     pub fn add_row(&self, row: usize, acc: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of a
+            // `#[target_feature(enable = "avx2")]` function; the body is safe code.
+            unsafe { self.add_row_avx2(row, acc) };
+            return;
+        }
+        self.add_row_portable(row, acc);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_row_avx2(&self, row: usize, acc: &mut [f32]) {
+        self.add_row_portable(row, acc);
+    }
+
+    #[inline(always)]
+    fn add_row_portable(&self, row: usize, acc: &mut [f32]) {
         let coefs = &self.left[row * self.rank..(row + 1) * self.rank];
         for (j, &c) in coefs.iter().enumerate() {
             if c == 0.0 {
@@ -258,11 +278,17 @@ pub fn merge_rows(
                     }
                 }
                 if product.is_some() {
-                    for (a, o) in acc.iter().zip(orig.iter()) {
-                        let d = (*a - *o) as f64;
-                        stats.delta_sq += d * d;
-                        stats.base_sq += (*o as f64) * (*o as f64);
+                    // Per-row sums in f32 lanes (vectorised), accumulated in f64 per row.
+                    let (mut dsq, mut bsq) = ([0f32; 8], [0f32; 8]);
+                    for (ac, oc) in acc.chunks(8).zip(orig.chunks(8)) {
+                        for k in 0..ac.len() {
+                            let d = ac[k] - oc[k];
+                            dsq[k] += d * d;
+                            bsq[k] += oc[k] * oc[k];
+                        }
                     }
+                    stats.delta_sq += dsq.iter().map(|&v| v as f64).sum::<f64>();
+                    stats.base_sq += bsq.iter().map(|&v| v as f64).sum::<f64>();
                     if acc.iter().any(|v| !v.is_finite()) && orig.iter().all(|v| v.is_finite()) {
                         return Err(Error::NonFinite { row });
                     }

@@ -115,6 +115,8 @@ pub struct MergeReport {
 /// What to do with one output tensor.
 struct Job<'a> {
     spec: TensorSpec,
+    /// The base tensor read, when the source is the base (for readahead).
+    base_tensor: Option<&'a TensorInfo>,
     /// Source bytes and dtype (the base's, or a replacement from an adapter).
     source: &'a [u8],
     source_dtype: Dtype,
@@ -145,9 +147,11 @@ pub fn merge(
     }
     let device = match options.device {
         MergeDevice::Auto | MergeDevice::Cpu => "cpu",
-        MergeDevice::Cuda(n) => return Err(Error::Usage(format!(
+        MergeDevice::Cuda(n) => {
+            return Err(Error::Usage(format!(
             "--device cuda:{n}: the CUDA merge path is not built yet; use --device cpu (or auto)"
-        ))),
+        )))
+        }
     };
     if options.out.exists() && !options.force {
         return Err(st_io::Error::DestinationExists {
@@ -198,6 +202,10 @@ pub fn merge(
             bytes_done,
             bytes_total,
         });
+        // Read the next tensor ahead while this one is merged and written.
+        if let Some(next) = jobs.get(i + 1).and_then(|j| j.base_tensor) {
+            base.prefetch(next);
+        }
         let stats = write_job(&mut writer, job, out_dtype)?;
         if job.lora.is_some() || !job.bias_terms.is_empty() {
             modules.push(ModuleReport {
@@ -370,8 +378,14 @@ fn plan_jobs<'a>(
         } else {
             dtype
         };
+        let base_tensor = if replaced.contains_key(name) {
+            None
+        } else {
+            base.tensor(name)
+        };
         let mut job = Job {
             spec: TensorSpec::new(name, target_dtype, shape.clone()),
+            base_tensor,
             source,
             source_dtype: dtype,
             lora: None,
@@ -481,9 +495,10 @@ fn is_vocab_tensor(name: &str) -> bool {
     )
 }
 
-/// Rows per block: about 8 MiB of output.
+/// Rows per block: about 32 MiB of output, more than the writer's buffer, so blocks go
+/// straight to the file with no extra copy.
 fn block_rows(cols: usize) -> usize {
-    ((8usize << 20) / (cols.max(1) * 2)).max(1)
+    ((32usize << 20) / (cols.max(1) * 2)).max(1)
 }
 
 fn write_job(writer: &mut ShardWriter, job: &Job, out_dtype: Dtype) -> Result<MergeStats> {
@@ -557,43 +572,64 @@ fn write_job(writer: &mut ShardWriter, job: &Job, out_dtype: Dtype) -> Result<Me
         ),
         _ => None,
     };
-    let mut stats = MergeStats::default();
     let step = block_rows(cols);
-    let mut buffer = vec![0u8; step.min(rows) * cols * 2];
-    let mut failure = None;
-    writer
-        .write_tensor_with(name, |sink| -> std::io::Result<()> {
-            use std::io::Write;
+    let block_bytes = step.min(rows) * cols * 2;
+    let kind = out_dtype_for(target, out_dtype);
+    // Two threads: this one writes block k while a helper merges block k+1 (on the rayon
+    // pool), so the disk and the cores work at the same time. Three buffers circulate.
+    let (filled_tx, filled_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
+    for _ in 0..3 {
+        let _ = empty_tx.send(vec![0u8; block_bytes]);
+    }
+    std::thread::scope(|scope| -> Result<MergeStats> {
+        let product = product.as_ref();
+        let dora = dora.as_ref();
+        let merger = scope.spawn(move || -> lora_kernels::Result<MergeStats> {
+            let mut stats = MergeStats::default();
             let mut row = 0;
             while row < rows {
                 let n = step.min(rows - row);
+                // The writer hung up (a write failed): stop quietly, it reports the error.
+                let Ok(mut buffer) = empty_rx.recv() else {
+                    break;
+                };
                 let out = &mut buffer[..n * cols * 2];
-                match merge_rows(
+                stats.add(merge_rows(
                     job.source,
                     job.source_dtype,
                     cols,
-                    product.as_ref(),
-                    dora.as_ref(),
+                    product,
+                    dora,
                     row,
-                    out_dtype_for(target, out_dtype),
+                    kind,
                     out,
-                ) {
-                    Ok(s) => stats.add(s),
-                    Err(e) => {
-                        failure = Some(e);
-                        return Err(std::io::Error::other("merge failed"));
-                    }
+                )?);
+                if filled_tx.send((buffer, n * cols * 2)).is_err() {
+                    break;
                 }
-                sink.write_all(out)?;
                 row += n;
             }
+            Ok(stats)
+        });
+        let written = writer.write_tensor_with(name, |sink| -> std::io::Result<()> {
+            use std::io::Write;
+            // Ends when the merger is done (or failed) and drops its sender.
+            while let Ok((buffer, len)) = filled_rx.recv() {
+                sink.write_all(&buffer[..len])?;
+                let _ = empty_tx.send(buffer);
+            }
             Ok(())
-        })
-        .map_err(|e| match failure.take() {
-            Some(k) => Error::Kernel(k),
-            None => e.into(),
-        })?;
-    Ok(stats)
+        });
+        drop(filled_rx);
+        let merged = merger
+            .join()
+            .map_err(|_| Error::Usage(format!("the merge of \"{name}\" panicked")))?;
+        // A merge error explains a short write better than the write error it caused.
+        let stats = merged?;
+        written?;
+        Ok(stats)
+    })
 }
 
 fn out_dtype_for(target: Dtype, out_dtype: Dtype) -> Dtype {

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On the device machine, in one call: a Llama-3-8B-shaped bf16 base (16.06 GB, random weights)
+# and an r=16 all-linear adapter; our CPU merge (warm and cold page cache) against PEFT's
+# workflow (load, merge_and_unload, save_pretrained) on CPU and on the GPU; the disk floor;
+# and a tensor-by-tensor and logits comparison of our output with PEFT's.
+# Needs .bin/weightsmith (a release build from the build machine), carried.
+#   cargo build --release -p weightsmith && mkdir -p .bin && cp target/release/weightsmith .bin/
+#   device run (carry .bin):  bash scripts/device-merge-bench.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+W=${WORK:-/tmp/wsbench}
+rm -rf "$W"; mkdir -p "$W"
+echo "cores $(nproc)"; free -g | head -2; df -h "$W" | tail -1
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+python3 scripts/make_synthetic.py "$W" --preset 8b --rank 16
+cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# The disk floor: cold parallel read of the base, and a 16 GB write with fsync.
+cold
+python3 scripts/measure.py disk-read-cold -- sh -c "cat $W/base/*.safetensors > /dev/null"
+python3 scripts/measure.py disk-write-16GB -- dd if=/dev/zero of="$W/ddw" bs=64M count=240 conv=fsync status=none
+rm -f "$W/ddw"
+# Ours, warm (base in the page cache) and cold.
+cat "$W"/base/*.safetensors > /dev/null
+python3 scripts/measure.py ours-cpu-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu
+cold
+python3 scripts/measure.py ours-cpu-cold -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu --force
+# PEFT, warm, on CPU and on the GPU.
+cat "$W"/base/*.safetensors > /dev/null
+python3 scripts/measure.py peft-cpu -- python3 scripts/peft_merge.py "$W/base" "$W/adapter" "$W/peft" cpu
+python3 scripts/compare_merged.py "$W/ours" "$W/peft" "$W/base"
+rm -rf "$W/peft"
+cat "$W"/base/*.safetensors > /dev/null
+python3 scripts/measure.py peft-cuda -- python3 scripts/peft_merge.py "$W/base" "$W/adapter" "$W/peft" cuda
+rm -rf "$W"
+echo "device-merge-bench: done"
