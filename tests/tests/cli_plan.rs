@@ -278,7 +278,7 @@ fn follows_manual_splits() {
 #[test]
 fn rejects_bad_options_with_clear_errors() {
     let cases: &[(&[&str], &str)] = &[
-        (&[], "--devices auto needs GPU discovery"),
+        (&[], "--devices auto found no GPU"),
         (
             &["--devices", "24GiB", "--cache-dtype", "int4"],
             "--cache-dtype must be one of f16, bf16, fp8, q8, q6, q4, not \"int4\"",

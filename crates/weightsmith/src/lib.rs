@@ -5,18 +5,20 @@
 //! serialisable report, so a program gets exactly what the CLI prints. The CLI
 //! (`--features cli`, on by default) adds argument parsing and printing only.
 //!
-//! Available now: [`inspect()`], [`plan_checkpoint`] and [`merge()`] (CPU). Load and publish
-//! land with their issues.
+//! Available now: [`inspect()`], [`plan_checkpoint`], [`load()`] and [`merge()`] (CPU).
+//! Publish lands with its issue.
 
 mod card;
 pub mod inspect;
+pub mod load;
 pub mod merge;
 pub mod plan;
 
 pub use inspect::{inspect, InspectOptions, InspectReport};
+pub use load::{load, LoadOptions, LoadReport, LoadedModel};
 pub use merge::{merge, MergeDevice, MergeOptions, MergeReport};
 pub use plan::{plan_checkpoint, PlanOptions, PlanReport};
-pub use {lora_kernels, planner, st_io};
+pub use {gpu_mem, lora_kernels, planner, st_io};
 
 /// The errors of the façade: one variant per crate it wraps.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,16 @@ pub enum Error {
     Plan(#[from] planner::Error),
     #[error(transparent)]
     Kernel(#[from] lora_kernels::Error),
+    #[error(transparent)]
+    Gpu(#[from] gpu_mem::Error),
+    /// A failure while loading, with what was being loaded where. Everything allocated so far
+    /// has been freed.
+    #[error("loading {unit} onto {device}: {message}")]
+    Load {
+        unit: String,
+        device: String,
+        message: String,
+    },
     /// Options that do not go together, or input the verb cannot use.
     #[error("{0}")]
     Usage(String),

@@ -118,17 +118,70 @@ pub fn parse_gpu_split(text: &str) -> Result<Vec<u64>> {
 pub fn plan_checkpoint(path: impl AsRef<Path>, options: &PlanOptions) -> Result<PlanReport> {
     let path = path.as_ref();
     let checkpoint = Checkpoint::open(path)?;
-    let layout = checkpoint.layout();
-    let config = checkpoint.config();
-    let capacities = match &options.devices {
-        DeviceChoice::Simulated(c) if !c.is_empty() => c.clone(),
+    let devices = match &options.devices {
+        DeviceChoice::Simulated(c) if !c.is_empty() => c
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (format!("cuda:{i}"), b))
+            .collect(),
         DeviceChoice::Simulated(_) => return Err(Error::Plan(planner::Error::NoDevices)),
         DeviceChoice::Auto => {
-            return Err(Error::Usage(
-                "--devices auto needs GPU discovery, which this build does not have yet (it comes with gpu-mem); simulate the GPUs instead, e.g. --devices 24GiB,24GiB".into(),
-            ))
+            let found = gpu_mem::discover()?;
+            if found.is_empty() {
+                return Err(Error::Usage(
+                    "--devices auto found no GPU (no NVIDIA driver on this machine); simulate GPUs instead, e.g. --devices 24GiB,24GiB".into(),
+                ));
+            }
+            found
+                .iter()
+                .map(|d| (d.device.to_string(), d.free_bytes))
+                .collect()
         }
     };
+    plan_for(&checkpoint, path, options, devices)
+}
+
+/// The plan `load` follows: the GPUs found (their free memory), or the host when there is none.
+pub(crate) fn plan_loaded(
+    checkpoint: &Checkpoint,
+    path: &Path,
+    options: &PlanOptions,
+    found: &[gpu_mem::DeviceInfo],
+) -> Result<PlanReport> {
+    let devices = if found.is_empty() {
+        vec![(
+            "host".to_string(),
+            host_available_bytes().unwrap_or(u64::MAX / 4),
+        )]
+    } else {
+        found
+            .iter()
+            .map(|d| (d.device.to_string(), d.free_bytes))
+            .collect()
+    };
+    plan_for(checkpoint, path, options, devices)
+}
+
+/// MemAvailable from /proc/meminfo.
+fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+fn plan_for(
+    checkpoint: &Checkpoint,
+    path: &Path,
+    options: &PlanOptions,
+    devices: Vec<(String, u64)>,
+) -> Result<PlanReport> {
+    let layout = checkpoint.layout();
+    let config = checkpoint.config();
+    let capacities: Vec<u64> = devices.iter().map(|d| d.1).collect();
     let reserves = match options.reserve_bytes.as_slice() {
         [one] => vec![*one; capacities.len()],
         many if many.len() == capacities.len() => many.to_vec(),
@@ -145,7 +198,7 @@ pub fn plan_checkpoint(path: impl AsRef<Path>, options: &PlanOptions) -> Result<
         .zip(&reserves)
         .enumerate()
         .map(|(i, (&capacity_bytes, &reserve_bytes))| DeviceSpec {
-            name: format!("cuda:{i}"),
+            name: devices[i].0.clone(),
             capacity_bytes,
             reserve_bytes,
             overhead_bytes: options.overhead_bytes,

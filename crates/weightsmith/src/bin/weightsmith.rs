@@ -33,6 +33,20 @@ enum Command {
     Plan(Box<PlanArgs>),
     /// Merge LoRA adapters into their base: a standalone 16-bit checkpoint, no PEFT needed.
     Merge(Box<MergeArgs>),
+    /// Load a checkpoint onto this machine's GPUs (or host memory without one), per the plan.
+    Load(Box<LoadArgs>),
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Read every tensor back from the device and compare it with the file.
+    #[arg(long)]
+    verify: bool,
+    /// Do not register page-cached files with the driver (measure the pinned path).
+    #[arg(long)]
+    no_register: bool,
 }
 
 #[derive(clap::Args)]
@@ -159,6 +173,39 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 print!("{}", merge_text(&report));
             }
         }
+        Command::Load(args) => {
+            if args.plan.export.is_some() {
+                return Err(usage("--export is for `weightsmith plan`".into()));
+            }
+            if args.plan.devices != "auto" {
+                return Err(usage("load uses this machine's devices: leave --devices at auto (simulated sizes are for `weightsmith plan`)".into()));
+            }
+            let options = weightsmith::LoadOptions {
+                plan: plan_options(&args.plan)?,
+                verify: args.verify,
+                no_register: args.no_register,
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let loaded = weightsmith::load(&args.plan.model, &options, &mut |p| {
+                bar.set_length(p.bytes_total);
+                bar.set_position(p.bytes_done);
+                bar.set_message(p.file.to_string());
+            });
+            bar.finish_and_clear();
+            let loaded = loaded?;
+            let r = &loaded.report;
+            if args.plan.json {
+                println!("{}", serde_json::to_string_pretty(r)?);
+            } else {
+                print!("{}", load_text(r));
+            }
+        }
         Command::Plan(args) => {
             let report = weightsmith::plan_checkpoint(&args.model, &plan_options(&args)?)?;
             match args.export.as_deref() {
@@ -277,6 +324,54 @@ fn merge_text(r: &weightsmith::MergeReport) -> String {
                 .map(|t| format!(" ({t})"))
                 .unwrap_or_default()
         );
+    }
+    s
+}
+
+fn load_text(r: &weightsmith::LoadReport) -> String {
+    use std::fmt::Write as _;
+    use weightsmith::st_io::{format_binary, format_decimal};
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "loaded {} onto {} in {:.2} s: {} of weights at {:.2} GB/s, {} of KV cache",
+        r.model,
+        r.backend,
+        r.seconds,
+        format_decimal(r.weight_bytes),
+        r.gb_per_s,
+        format_binary(r.cache_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "\n  {:<8} {:<24} {:>11} {:>11} {:>13} {:>8}",
+        "device", "name", "planned", "allocated", "cuMemGetInfo", "GB/s"
+    );
+    for d in &r.devices {
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<24} {:>11} {:>11} {:>13} {:>8.2}",
+            d.device,
+            d.name,
+            format_binary(d.planned_bytes),
+            format_binary(d.allocated_bytes),
+            d.mem_info_delta_bytes
+                .map(format_binary)
+                .unwrap_or_else(|| "-".into()),
+            d.gb_per_s
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n  files: {}",
+        r.files
+            .iter()
+            .map(|(f, p)| format!("{f} ({p})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(n) = r.verified_tensors {
+        let _ = writeln!(s, "  verify: {n} tensors read back, identical to the files");
     }
     s
 }

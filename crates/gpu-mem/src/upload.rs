@@ -1,0 +1,317 @@
+//! Copying byte ranges of a mapped file to their destinations (device allocations or host
+//! buffers) as fast as the machine allows, choosing the path per file:
+//!
+//! 1. `registered`: the file is in the page cache (`mincore`), so its mapping is registered
+//!    with the driver (read-only, 1 GiB at a time) and copied straight from, on two streams per
+//!    device; registering the next chunk overlaps the copies of this one.
+//! 2. `pinned`: the file is cold, so parallel `pread`s fill pinned staging buffers that are
+//!    copied on alternate streams; direct copies from a cold mapping would fault page by page.
+//! 3. `pageable`: plain copies from the mapping, when neither of the above can be set up.
+//! 4. `host`: destinations in host memory: parallel `pread`s straight into them.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::cuda::{Context, DeviceAlloc, HostRegion, PinnedBuffer, Stream};
+use crate::Error;
+
+/// Where one range goes.
+pub enum Dst<'a> {
+    Host(&'a mut [u8]),
+    Cuda(&'a DeviceAlloc),
+}
+
+/// A range of the file (`offset`, length of the destination) and where it goes.
+pub struct Piece<'a> {
+    pub offset: u64,
+    pub len: usize,
+    pub dst: Dst<'a>,
+}
+
+/// The path an upload took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadPath {
+    Registered,
+    Pinned,
+    Pageable,
+    Host,
+}
+
+impl UploadPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            UploadPath::Registered => "registered",
+            UploadPath::Pinned => "pinned",
+            UploadPath::Pageable => "pageable",
+            UploadPath::Host => "host",
+        }
+    }
+}
+
+const PAGE: usize = 4096;
+const REGISTER_CHUNK: usize = 1 << 30;
+const STAGING_BYTES: usize = 64 << 20;
+const STAGING_BUFFERS: usize = 4;
+const READ_THREADS: usize = 8;
+
+/// The fraction of `range` resident in the page cache.
+pub fn resident_fraction(range: &[u8]) -> f64 {
+    if range.is_empty() {
+        return 1.0;
+    }
+    let start = range.as_ptr() as usize & !(PAGE - 1);
+    let end = range.as_ptr() as usize + range.len();
+    let pages = (end - start).div_ceil(PAGE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: [start, start + pages·PAGE) covers pages of a live mapping (the caller's slice,
+    // rounded to page boundaries, which stay inside the mapping's pages); `vec` has one byte
+    // per page as mincore requires.
+    let r = unsafe { libc::mincore(start as *mut libc::c_void, pages * PAGE, vec.as_mut_ptr()) };
+    if r != 0 {
+        return 0.0;
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64
+}
+
+/// Reads `dst.len()` bytes at `offset` with several threads.
+fn parallel_read(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+    let piece = dst.len().div_ceil(READ_THREADS).max(1 << 20);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = dst
+            .chunks_mut(piece)
+            .enumerate()
+            .map(|(i, chunk)| {
+                s.spawn(move || file.read_exact_at(chunk, offset + (i * piece) as u64))
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a read thread panicked")))
+        })
+    })
+}
+
+/// Copies files' ranges to their destinations; holds the streams and staging buffers.
+pub struct UploadEngine {
+    streams: Vec<(u32, Vec<Stream>)>,
+    staging: Vec<PinnedBuffer>,
+    /// Disable the registered path (for measurements of the others).
+    pub allow_register: bool,
+}
+
+impl UploadEngine {
+    /// An engine for these CUDA contexts (none: host only).
+    pub fn new(contexts: &[Arc<Context>]) -> Result<UploadEngine, Error> {
+        let mut streams = Vec::new();
+        for c in contexts {
+            streams.push((c.ordinal, vec![Stream::new(c)?, Stream::new(c)?]));
+        }
+        Ok(UploadEngine {
+            streams,
+            staging: Vec::new(),
+            allow_register: true,
+        })
+    }
+
+    fn stream_for(&self, alloc: &DeviceAlloc, k: usize) -> Result<&Stream, Error> {
+        let ordinal = alloc_ordinal(alloc);
+        self.streams
+            .iter()
+            .find(|(o, _)| *o == ordinal)
+            .map(|(_, s)| &s[k % s.len()])
+            .ok_or(Error::Cuda {
+                call: "stream lookup",
+                code: format!("no stream for cuda:{ordinal}"),
+            })
+    }
+
+    fn sync_all(&self) -> Result<(), Error> {
+        for (_, ss) in &self.streams {
+            for s in ss {
+                s.synchronize()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `pieces` (sorted by offset, inside `map`, the whole mapped file) to their
+    /// destinations. Returns the path taken. On return every copy has completed.
+    pub fn upload(
+        &mut self,
+        file: &File,
+        map: &[u8],
+        pieces: &mut [Piece],
+    ) -> Result<UploadPath, Error> {
+        let (lo, hi) = match (pieces.first(), pieces.last()) {
+            (Some(f), Some(l)) => (f.offset as usize, l.offset as usize + l.len),
+            _ => return Ok(UploadPath::Host),
+        };
+        // Host destinations: parallel preads straight into them.
+        let mut any_cuda = false;
+        for p in pieces.iter_mut() {
+            match &mut p.dst {
+                Dst::Host(buf) => parallel_read(file, p.offset, buf).map_err(|e| Error::Read {
+                    offset: p.offset,
+                    message: e.to_string(),
+                })?,
+                Dst::Cuda(_) => any_cuda = true,
+            }
+        }
+        if !any_cuda {
+            return Ok(UploadPath::Host);
+        }
+        let warm = resident_fraction(&map[lo..hi]) >= 0.9;
+        if warm && self.allow_register {
+            match self.upload_registered(map, pieces, lo, hi) {
+                Ok(()) => return Ok(UploadPath::Registered),
+                Err(Error::Cuda {
+                    call: "cuMemHostRegister",
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match self.upload_pinned(file, pieces, lo, hi) {
+            Ok(()) => Ok(UploadPath::Pinned),
+            Err(Error::Cuda {
+                call: "cuMemHostAlloc",
+                ..
+            }) => {
+                for (k, p) in pieces.iter().enumerate() {
+                    if let Dst::Cuda(a) = &p.dst {
+                        let s = self.stream_for(a, k)?;
+                        // SAFETY: `map` outlives this call and every stream is synchronised
+                        // below before returning.
+                        unsafe {
+                            a.copy_from_host_async(
+                                0,
+                                &map[p.offset as usize..p.offset as usize + p.len],
+                                s,
+                            )?
+                        };
+                    }
+                }
+                self.sync_all()?;
+                Ok(UploadPath::Pageable)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn upload_registered(
+        &mut self,
+        map: &[u8],
+        pieces: &[Piece],
+        lo: usize,
+        hi: usize,
+    ) -> Result<(), Error> {
+        let Some(ctx) = self.streams.first().map(|(_, s)| s[0].context().clone()) else {
+            return Err(Error::NoDriver);
+        };
+        let base = map.as_ptr() as usize;
+        let start = (base + lo) & !(PAGE - 1);
+        let end = (base + hi).div_ceil(PAGE) * PAGE;
+        let map_end = base + map.len();
+        let mut regions = Vec::new();
+        let mut chunk_start = start;
+        let mut k = 0;
+        let result = (|| {
+            while chunk_start < end {
+                let chunk_end = (chunk_start + REGISTER_CHUNK).min(end);
+                // Registration covers whole pages; the last page may extend past the mapping's
+                // length but not past its last page, which the kernel mapped.
+                let reg_len = chunk_end.min(map_end.div_ceil(PAGE) * PAGE) - chunk_start;
+                // SAFETY: the range lies in `map`'s pages, which stay mapped for this call;
+                // regions are dropped (unregistered) after every stream is synchronised.
+                let range =
+                    unsafe { std::slice::from_raw_parts(chunk_start as *const u8, reg_len) };
+                regions.push(unsafe { HostRegion::register(&ctx, range)? });
+                for p in pieces {
+                    let (ps, pe) = (base + p.offset as usize, base + p.offset as usize + p.len);
+                    let (s, e) = (ps.max(chunk_start), pe.min(chunk_end));
+                    if s >= e {
+                        continue;
+                    }
+                    if let Dst::Cuda(a) = &p.dst {
+                        let stream = self.stream_for(a, k)?;
+                        k += 1;
+                        let src = &map[s - base..e - base];
+                        // SAFETY: `src` is registered and stays so until the streams are
+                        // synchronised at the end of this function.
+                        unsafe { a.copy_from_host_async(s - ps, src, stream)? };
+                    }
+                }
+                chunk_start = chunk_end;
+            }
+            Ok(())
+        })();
+        let synced = self.sync_all();
+        drop(regions);
+        result.and(synced)
+    }
+
+    fn upload_pinned(
+        &mut self,
+        file: &File,
+        pieces: &[Piece],
+        lo: usize,
+        hi: usize,
+    ) -> Result<(), Error> {
+        let Some(ctx) = self.streams.first().map(|(_, s)| s[0].context().clone()) else {
+            return Err(Error::NoDriver);
+        };
+        while self.staging.len() < STAGING_BUFFERS {
+            self.staging.push(PinnedBuffer::new(&ctx, STAGING_BYTES)?);
+        }
+        // Which streams each staging buffer was last copied on.
+        let mut pending: Vec<Vec<(usize, usize)>> = vec![Vec::new(); STAGING_BUFFERS];
+        let mut window = lo;
+        let mut k = 0;
+        while window < hi {
+            let b = k % STAGING_BUFFERS;
+            for &(d, s) in &pending[b] {
+                self.streams[d].1[s].synchronize()?;
+            }
+            pending[b].clear();
+            let n = STAGING_BYTES.min(hi - window);
+            {
+                let buf = &mut self.staging[b].as_mut_slice()[..n];
+                parallel_read(file, window as u64, buf).map_err(|e| Error::Read {
+                    offset: window as u64,
+                    message: e.to_string(),
+                })?;
+            }
+            for p in pieces {
+                let (ps, pe) = (p.offset as usize, p.offset as usize + p.len);
+                let (s, e) = (ps.max(window), pe.min(window + n));
+                if s >= e {
+                    continue;
+                }
+                if let Dst::Cuda(a) = &p.dst {
+                    let ordinal = alloc_ordinal(a);
+                    let d = self
+                        .streams
+                        .iter()
+                        .position(|(o, _)| *o == ordinal)
+                        .unwrap_or(0);
+                    let si = k % self.streams[d].1.len();
+                    let src = &self.staging[b].as_slice()[s - window..e - window];
+                    // SAFETY: the staging buffer is not refilled before this stream is
+                    // synchronised (pending list above), and all are synchronised at the end.
+                    unsafe { a.copy_from_host_async(s - ps, src, &self.streams[d].1[si])? };
+                    if !pending[b].contains(&(d, si)) {
+                        pending[b].push((d, si));
+                    }
+                }
+            }
+            window += n;
+            k += 1;
+        }
+        self.sync_all()
+    }
+}
+
+fn alloc_ordinal(a: &DeviceAlloc) -> u32 {
+    a.context_ordinal()
+}

@@ -1,0 +1,420 @@
+//! `weightsmith load`: a checkpoint onto its devices per the plan, at the speed of the bus,
+//! with each layer's KV cache allocated beside it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use gpu_mem::cuda::{Context, DeviceAlloc};
+use gpu_mem::upload::{Dst, Piece, UploadEngine};
+use gpu_mem::Device;
+use planner::Placement;
+use serde::Serialize;
+use st_io::layout::UnitKind;
+use st_io::{Checkpoint, Dtype};
+
+use crate::plan::{plan_loaded, PlanOptions, PlanReport};
+use crate::{Error, Result};
+
+/// Memory holding one tensor or cache, on the host or a GPU.
+pub enum Buffer {
+    Host(Vec<u8>),
+    Cuda(DeviceAlloc),
+}
+
+impl Buffer {
+    fn alloc(
+        device: Device,
+        contexts: &HashMap<u32, Arc<Context>>,
+        len: usize,
+    ) -> std::result::Result<Buffer, gpu_mem::Error> {
+        match device {
+            Device::Host => Ok(Buffer::Host(vec![0u8; len])),
+            Device::Cuda(n) => {
+                let ctx = contexts.get(&n).ok_or(gpu_mem::Error::NoDriver)?;
+                DeviceAlloc::new(ctx, len).map(Buffer::Cuda)
+            }
+        }
+    }
+
+    /// The device address (CUDA), for an inference engine to use.
+    pub fn device_ptr(&self) -> Option<u64> {
+        match self {
+            Buffer::Cuda(a) => Some(a.device_ptr()),
+            Buffer::Host(_) => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::Host(v) => v.len(),
+            Buffer::Cuda(a) => a.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, read back to the host.
+    pub fn read_back(&self) -> std::result::Result<Vec<u8>, gpu_mem::Error> {
+        match self {
+            Buffer::Host(v) => Ok(v.clone()),
+            Buffer::Cuda(a) => {
+                let mut out = vec![0u8; a.len()];
+                a.copy_to_host(0, &mut out)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// A tensor in device memory.
+pub struct LoadedTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub device: Device,
+    pub buffer: Buffer,
+}
+
+/// The KV cache of one decoder layer, on that layer's device.
+pub struct LayerCache {
+    pub layer: u64,
+    pub device: Device,
+    pub buffer: Buffer,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceLoadReport {
+    pub device: String,
+    pub name: String,
+    pub planned_bytes: u64,
+    pub allocated_bytes: u64,
+    /// Drop of free memory reported by cuMemGetInfo across the load (CUDA only).
+    pub mem_info_delta_bytes: Option<u64>,
+    pub weight_bytes: u64,
+    pub seconds: f64,
+    pub gb_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub schema_version: u32,
+    pub model: String,
+    /// "cuda" or "host (no NVIDIA driver)".
+    pub backend: String,
+    pub devices: Vec<DeviceLoadReport>,
+    /// The path each file took: registered, pinned, pageable, host.
+    pub files: Vec<(String, String)>,
+    pub weight_bytes: u64,
+    pub cache_bytes: u64,
+    pub seconds: f64,
+    pub gb_per_s: f64,
+    pub verified_tensors: Option<usize>,
+    pub plan: PlanReport,
+}
+
+/// A loaded model: tensors by name with device, dtype, shape and device pointer, and each
+/// layer's cache buffer.
+pub struct LoadedModel {
+    pub tensors: Vec<LoadedTensor>,
+    pub caches: Vec<LayerCache>,
+    pub report: LoadReport,
+    by_name: HashMap<String, usize>,
+    _contexts: Vec<Arc<Context>>,
+}
+
+impl LoadedModel {
+    pub fn tensor(&self, name: &str) -> Option<&LoadedTensor> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+}
+
+/// Progress of a load, for a bar or a GUI.
+pub struct LoadProgress<'a> {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub file: &'a str,
+}
+
+/// Options of [`load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub plan: PlanOptions,
+    /// Read every tensor back and compare with the file.
+    pub verify: bool,
+    /// Skip the registered path (to measure the others).
+    pub no_register: bool,
+}
+
+/// Plans, checks, allocates and copies. Any failure frees everything already allocated and
+/// names the unit and device.
+pub fn load(
+    path: impl AsRef<Path>,
+    options: &LoadOptions,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<LoadedModel> {
+    let path = path.as_ref();
+    let started = Instant::now();
+    let checkpoint = Checkpoint::open(path)?;
+    check_architecture(&checkpoint)?;
+    let infos = gpu_mem::discover()?;
+    let backend = if infos.is_empty() {
+        "host (no NVIDIA driver)".to_string()
+    } else {
+        "cuda".to_string()
+    };
+    let plan = plan_loaded(&checkpoint, path, &options.plan, &infos)?;
+    let mut contexts: HashMap<u32, Arc<Context>> = HashMap::new();
+    for i in &infos {
+        if let Device::Cuda(n) = i.device {
+            contexts.insert(n, Context::new(n)?);
+        }
+    }
+    let device_of = |p: Placement| -> Device {
+        match (p, infos.is_empty()) {
+            (Placement::Device(d), false) => Device::Cuda(d as u32),
+            _ => Device::Host,
+        }
+    };
+    let free_before: HashMap<u32, u64> = contexts
+        .iter()
+        .map(|(n, c)| (*n, c.mem_info().map(|m| m.0).unwrap_or(0)))
+        .collect();
+    // Allocate every tensor of every unit, in plan order, and each layer's cache beside it.
+    let layout = checkpoint.layout();
+    let mut tensors: Vec<LoadedTensor> = Vec::with_capacity(checkpoint.tensors().len());
+    let mut tensor_index: Vec<Option<usize>> = vec![None; checkpoint.tensors().len()];
+    let mut caches = Vec::new();
+    for (unit, planned) in layout.units.iter().zip(&plan.plan.units) {
+        let device = device_of(planned.device);
+        let fail = |e: gpu_mem::Error| Error::Load {
+            unit: unit.name.clone(),
+            device: device.to_string(),
+            message: e.to_string(),
+        };
+        for &t in &unit.tensors {
+            let info = &checkpoint.tensors()[t];
+            let buffer = Buffer::alloc(device, &contexts, info.len as usize).map_err(fail)?;
+            tensor_index[t] = Some(tensors.len());
+            tensors.push(LoadedTensor {
+                name: info.name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                device,
+                buffer,
+            });
+        }
+        if let (UnitKind::Layer(i), true) = (unit.kind, planned.cache_bytes > 0) {
+            let buffer =
+                Buffer::alloc(device, &contexts, planned.cache_bytes as usize).map_err(fail)?;
+            caches.push(LayerCache {
+                layer: i,
+                device,
+                buffer,
+            });
+        }
+    }
+    // Copy, file by file, every device's copies running concurrently.
+    let ctx_list: Vec<Arc<Context>> = contexts.values().cloned().collect();
+    let mut engine = UploadEngine::new(&ctx_list)?;
+    engine.allow_register = !options.no_register;
+    let bytes_total: u64 = checkpoint.total_tensor_bytes();
+    let mut bytes_done = 0u64;
+    let mut files = Vec::new();
+    let mut per_device_bytes: HashMap<Device, u64> = HashMap::new();
+    let copy_started = Instant::now();
+    for (f, shard) in checkpoint.files().iter().enumerate() {
+        progress(LoadProgress {
+            bytes_done,
+            bytes_total,
+            file: &shard.name,
+        });
+        let file = std::fs::File::open(&shard.path).map_err(|e| st_io::Error::Io {
+            path: shard.path.clone(),
+            source: e,
+        })?;
+        let mut members: Vec<(u64, usize)> = checkpoint
+            .tensors()
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.file == f)
+            .filter_map(|(i, t)| tensor_index[i].map(|k| (t.offset, k)))
+            .collect();
+        members.sort();
+        let mut slots: Vec<Option<&mut LoadedTensor>> = tensors.iter_mut().map(Some).collect();
+        let mut pieces: Vec<Piece> = Vec::with_capacity(members.len());
+        for &(offset, k) in &members {
+            let Some(t) = slots[k].take() else { continue };
+            *per_device_bytes.entry(t.device).or_default() += t.buffer.len() as u64;
+            let len = t.buffer.len();
+            let dst = match &mut t.buffer {
+                Buffer::Host(v) => Dst::Host(v.as_mut_slice()),
+                Buffer::Cuda(a) => Dst::Cuda(a),
+            };
+            pieces.push(Piece { offset, len, dst });
+        }
+        let taken = engine
+            .upload(&file, shard.bytes(), &mut pieces)
+            .map_err(|e| Error::Load {
+                unit: format!("file {}", shard.name),
+                device: "all".into(),
+                message: e.to_string(),
+            })?;
+        files.push((shard.name.clone(), taken.name().to_string()));
+        bytes_done += pieces.iter().map(|p| p.len as u64).sum::<u64>();
+    }
+    progress(LoadProgress {
+        bytes_done,
+        bytes_total,
+        file: "",
+    });
+    let copy_seconds = copy_started.elapsed().as_secs_f64();
+    let verified_tensors = if options.verify {
+        let mut n = 0;
+        for (i, info) in checkpoint.tensors().iter().enumerate() {
+            let Some(k) = tensor_index[i] else { continue };
+            let back = tensors[k].buffer.read_back()?;
+            if back.as_slice() != checkpoint.tensor_bytes(info) {
+                return Err(Error::Load {
+                    unit: info.name.clone(),
+                    device: tensors[k].device.to_string(),
+                    message: "read back differs from the file".into(),
+                });
+            }
+            n += 1;
+        }
+        Some(n)
+    } else {
+        None
+    };
+    let mut devices = Vec::new();
+    for d in &plan.plan.devices {
+        let device = device_of(Placement::Device(d.index));
+        let allocated: u64 = tensors
+            .iter()
+            .filter(|t| t.device == device)
+            .map(|t| t.buffer.len() as u64)
+            .sum::<u64>()
+            + caches
+                .iter()
+                .filter(|c| c.device == device)
+                .map(|c| c.buffer.len() as u64)
+                .sum::<u64>();
+        let delta = match device {
+            Device::Cuda(n) => contexts
+                .get(&n)
+                .and_then(|c| c.mem_info().ok())
+                .map(|(free, _)| {
+                    free_before
+                        .get(&n)
+                        .copied()
+                        .unwrap_or(free)
+                        .saturating_sub(free)
+                }),
+            Device::Host => None,
+        };
+        let weight_bytes = per_device_bytes.get(&device).copied().unwrap_or(0);
+        devices.push(DeviceLoadReport {
+            device: device.to_string(),
+            name: infos
+                .iter()
+                .find(|i| i.device == device)
+                .map(|i| i.name.clone())
+                .unwrap_or_else(|| "host memory".into()),
+            planned_bytes: d.weight_bytes + d.cache_bytes,
+            allocated_bytes: allocated,
+            mem_info_delta_bytes: delta,
+            weight_bytes,
+            seconds: copy_seconds,
+            gb_per_s: weight_bytes as f64 / copy_seconds.max(1e-9) / 1e9,
+        });
+    }
+    let by_name = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let cache_bytes = caches.iter().map(|c| c.buffer.len() as u64).sum();
+    let report = LoadReport {
+        schema_version: 1,
+        model: path.display().to_string(),
+        backend,
+        devices,
+        files,
+        weight_bytes: bytes_total,
+        cache_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        gb_per_s: bytes_total as f64 / copy_seconds.max(1e-9) / 1e9,
+        verified_tensors,
+        plan,
+    };
+    Ok(LoadedModel {
+        tensors,
+        caches,
+        report,
+        by_name,
+        _contexts: ctx_list,
+    })
+}
+
+/// Before any copy: the layers config.json announces are all there, and the embedding has
+/// the shape it implies.
+fn check_architecture(c: &Checkpoint) -> Result<()> {
+    let Some(cfg) = c.config() else { return Ok(()) };
+    let layout = c.layout();
+    if let Some(n) = cfg.num_hidden_layers {
+        let found: Vec<u64> = layout
+            .units
+            .iter()
+            .filter_map(|u| {
+                if let UnitKind::Layer(i) = u.kind {
+                    Some(i)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let missing: Vec<u64> = (0..n).filter(|i| !found.contains(i)).collect();
+        if !missing.is_empty() {
+            return Err(Error::Usage(format!(
+                "{}: config.json announces {n} layers but layers {missing:?} have no tensors",
+                c.root().display()
+            )));
+        }
+    }
+    if let (Some(v), Some(h)) = (cfg.vocab_size, cfg.hidden_size) {
+        for u in layout
+            .units
+            .iter()
+            .filter(|u| u.kind == UnitKind::Embedding)
+        {
+            for &t in &u.tensors {
+                let info = &c.tensors()[t];
+                let is_token_embedding = [
+                    "embed_tokens",
+                    "wte",
+                    "word_embeddings",
+                    "tok_embeddings",
+                    "embed_in",
+                ]
+                .iter()
+                .any(|k| info.name.contains(k));
+                if is_token_embedding
+                    && info.shape.len() == 2
+                    && (info.shape[1] != h || info.shape[0] < v)
+                {
+                    return Err(Error::Usage(format!(
+                        "{}: tensor \"{}\" has shape {:?} but config.json implies [{v}, {h}]",
+                        c.root().display(),
+                        info.name,
+                        info.shape
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `weightsmith load` on a machine without a GPU: the host twin of the whole load path, the
+//! path CI runs (the GPU path runs in scripts/device-load-bench.sh and compares the same way).
+
+use serde_json::Value;
+use weightsmith::gpu_mem::Device;
+use weightsmith::{load, LoadOptions};
+use weightsmith_tests::{fixture, weightsmith, MODELS};
+
+#[test]
+fn loads_every_fixture_and_reads_back_the_file_bytes() {
+    if !weightsmith::gpu_mem::discover().unwrap().is_empty() {
+        eprintln!("a GPU is present: this test covers the host twin only");
+    }
+    for name in MODELS {
+        let options = LoadOptions {
+            verify: true,
+            ..LoadOptions::default()
+        };
+        let loaded = load(fixture(&format!("models/{name}")), &options, &mut |_| {}).unwrap();
+        let r = &loaded.report;
+        assert_eq!(r.verified_tensors, Some(loaded.tensors.len()), "{name}");
+        let ckpt = st_io::Checkpoint::open(fixture(&format!("models/{name}"))).unwrap();
+        assert_eq!(loaded.tensors.len(), ckpt.tensors().len());
+        for t in ckpt.tensors() {
+            let l = loaded.tensor(&t.name).unwrap();
+            assert_eq!((l.dtype, &l.shape), (t.dtype, &t.shape));
+            assert_eq!(
+                l.buffer.read_back().unwrap(),
+                ckpt.tensor_bytes(t),
+                "{name}: {}",
+                t.name
+            );
+        }
+        // Each layer's cache lives on its layer's device, one per layer.
+        let layers = ckpt.layout().layer_count();
+        assert_eq!(loaded.caches.len(), layers, "{name}");
+        for c in &loaded.caches {
+            let layer_tensor = loaded
+                .tensors
+                .iter()
+                .find(|t| t.name.contains(&format!(".{}.", c.layer)))
+                .unwrap();
+            assert_eq!(c.device, layer_tensor.device);
+            assert!(!c.buffer.is_empty());
+        }
+        if loaded.tensors[0].device == Device::Host {
+            assert!(r.files.iter().all(|(_, p)| p == "host"));
+            assert_eq!(r.backend, "host (no NVIDIA driver)");
+        }
+    }
+}
+
+#[test]
+fn the_cli_loads_and_reports() {
+    let out = weightsmith(&[
+        "load",
+        fixture("models/tiny-llama").to_str().unwrap(),
+        "--verify",
+        "--json",
+        "--cache-seq-len",
+        "32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verified_tensors"], 30);
+    assert_eq!(r["weight_bytes"], 287616);
+    // 3 layers × 2 × 2 kv heads × 16 × 32 tokens × 2 bytes.
+    assert_eq!(r["cache_bytes"], 3 * 2 * 2 * 16 * 32 * 2);
+    let d = &r["devices"][0];
+    assert_eq!(d["allocated_bytes"], d["planned_bytes"]);
+    assert_eq!(r["plan"]["strategy"], "greedy");
+}
+
+#[test]
+fn refuses_options_that_do_not_apply_and_bad_checkpoints() {
+    let llama = fixture("models/tiny-llama").display().to_string();
+    for (args, needle) in [
+        (
+            vec!["load", llama.as_str(), "--devices", "24GiB"],
+            "load uses this machine's devices",
+        ),
+        (
+            vec!["load", llama.as_str(), "--export", "vllm"],
+            "--export is for `weightsmith plan`",
+        ),
+    ] {
+        let out = weightsmith(&args);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{err}");
+    }
+    // A layer announced by config.json but missing: refused before any copy.
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("models/tiny-gpt2")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["n_layer"] = 3.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = weightsmith(&["load", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("announces 3 layers but layers [2] have no tensors"),
+        "{err}"
+    );
+}
