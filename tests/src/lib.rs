@@ -6,8 +6,12 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
-/// The repository root.
+/// The repository root (WEIGHTSMITH_REPO overrides it, for test executables carried to
+/// another machine by scripts/gpu-check.sh).
 pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("WEIGHTSMITH_REPO") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ lives in the repository root")
@@ -38,8 +42,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The `weightsmith` binary of this workspace's target directory, built if missing.
+/// The `weightsmith` binary of this workspace's target directory, built if missing
+/// (WEIGHTSMITH_BIN overrides it).
 pub fn weightsmith_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WEIGHTSMITH_BIN") {
+        return PathBuf::from(bin);
+    }
     // The test executable lives in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("current exe");
     let profile_dir = exe

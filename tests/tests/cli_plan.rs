@@ -278,7 +278,6 @@ fn follows_manual_splits() {
 #[test]
 fn rejects_bad_options_with_clear_errors() {
     let cases: &[(&[&str], &str)] = &[
-        (&[], "--devices auto found no GPU"),
         (
             &["--devices", "24GiB", "--cache-dtype", "int4"],
             "--cache-dtype must be one of f16, bf16, fp8, q8, q6, q4, not \"int4\"",
@@ -325,5 +324,24 @@ fn rejects_bad_options_with_clear_errors() {
         assert_eq!(code, 1, "{extra:?}: {out}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains(needle), "{extra:?}: {needle:?} not in {err}");
+    }
+}
+
+#[test]
+fn auto_devices_are_this_machines_gpus_or_a_clear_message() {
+    let gpus = weightsmith::gpu_mem::discover().unwrap();
+    let (code, out, err) = run(&["plan", &llama(), "--json"]);
+    if gpus.is_empty() {
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("--devices auto found no GPU (no NVIDIA driver on this machine)"),
+            "{err}"
+        );
+    } else {
+        assert_eq!(code, 0, "{err}");
+        let j: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["devices"].as_array().unwrap().len(), gpus.len());
+        assert_eq!(j["devices"][0]["name"], "cuda:0");
+        assert_eq!(j["devices"][0]["capacity_bytes"], gpus[0].free_bytes);
     }
 }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU tests, in one command on the device machine: the same test executables CI runs on
+# the host (built here, carried in .bin/tests), now with a GPU present, so `load` goes through
+# CUDA and every tensor is read back from the device and compared with the file.
+#   bash scripts/gpu-check.sh --build     # here: builds the binary and test executables into .bin
+#   device run (carry .bin):  bash scripts/gpu-check.sh
+set -euo pipefail
+if [ "${1:-}" = "--build" ]; then
+  cargo build --release -p weightsmith
+  mkdir -p .bin/tests
+  cp target/release/weightsmith .bin/
+  # The tests whose behaviour changes with a GPU present (the carried tree must stay small).
+  cargo test --no-run -p gpu-mem -p weightsmith-tests 2>&1 | grep -o '(target/[^)]*)' | tr -d '()' \
+    | grep -E 'gpu_mem-|cli_load-|cli_plan-' | while read -r exe; do cp "$exe" .bin/tests/; done
+  strip .bin/weightsmith .bin/tests/*
+  ls .bin/tests
+  exit 0
+fi
+nvidia-smi -L || true
+export WEIGHTSMITH_REPO=$PWD WEIGHTSMITH_BIN=$PWD/.bin/weightsmith WEIGHTSMITH_REQUIRE_PYTHON=1
+status=0
+for t in .bin/tests/*; do
+  echo "== $(basename "$t")"
+  "$t" --test-threads 1 2>&1 | grep -E "^test |test result|panicked" || status=1
+done
+echo "gpu-check: status $status"
+exit $status
