@@ -151,6 +151,14 @@ impl UploadEngine {
             })
     }
 
+    /// A context to allocate portable host memory and registrations with.
+    fn any_context(&self) -> Result<Arc<Context>, Error> {
+        self.streams
+            .first()
+            .map(|(_, s)| s[0].context().clone())
+            .ok_or(Error::NoDriver)
+    }
+
     fn sync_all(&self) -> Result<(), Error> {
         for (_, ss) in &self.streams {
             for s in ss {
@@ -231,9 +239,7 @@ impl UploadEngine {
         lo: usize,
         hi: usize,
     ) -> Result<(), Error> {
-        let Some(ctx) = self.streams.first().map(|(_, s)| s[0].context().clone()) else {
-            return Err(Error::NoDriver);
-        };
+        let ctx = self.any_context()?;
         let base = map.as_ptr() as usize;
         let start = (base + lo) & !(PAGE - 1);
         let end = (base + hi).div_ceil(PAGE) * PAGE;
@@ -315,9 +321,7 @@ impl UploadEngine {
         lo: usize,
         hi: usize,
     ) -> Result<(), Error> {
-        let Some(ctx) = self.streams.first().map(|(_, s)| s[0].context().clone()) else {
-            return Err(Error::NoDriver);
-        };
+        let ctx = self.any_context()?;
         while self.staging.len() < STAGING_BUFFERS {
             self.staging.push(PinnedBuffer::new(&ctx, STAGING_BYTES)?);
         }

@@ -308,6 +308,13 @@ pub fn merge_rows(
 mod tests {
     use super::*;
 
+    fn bf16_values(bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks(2)
+            .map(|c| st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect()
+    }
+
     fn bf16_bytes(v: &[f32]) -> Vec<u8> {
         v.iter()
             .flat_map(|x| st_io::convert::f32_to_bf16_bits(*x).to_le_bytes())
@@ -344,10 +351,7 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        let got: Vec<f32> = out
-            .chunks(2)
-            .map(|c| st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect();
+        let got = bf16_values(&out);
         assert_eq!(got, [0.5, 1.0, 1.5, 1.0, 2.0, 3.0]);
         // Transposed storage gives the transpose.
         let p = LoraProduct::new(
@@ -373,10 +377,7 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        let got: Vec<f32> = out
-            .chunks(2)
-            .map(|c| st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect();
+        let got = bf16_values(&out);
         assert_eq!(got, [0.5, 1.0, 1.0, 2.0, 1.5, 3.0]);
     }
 
@@ -410,10 +411,7 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        let got: Vec<f32> = out
-            .chunks(2)
-            .map(|c| st_io::convert::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect();
+        let got = bf16_values(&out);
         assert_eq!(got, [6.0, 8.0, 0.0, 1.0]);
     }
 

@@ -752,21 +752,23 @@ fn verify_output(out: &Path, jobs: &[Job], out_dtype: Dtype) -> Result<VerifyRep
             })
             .collect();
         // DoRA factors in f64, from every row (cheap next to the merge itself).
+        let row_at = |r: usize| {
+            lora_kernels::reference::merged_row(
+                job.source,
+                job.source_dtype,
+                l.out,
+                l.inp,
+                l.transposed,
+                &terms,
+                r,
+            )
+        };
         let factors: Option<Vec<f64>> = match &l.magnitude {
             None => None,
             Some(m) => {
                 let mut sq = vec![0f64; m.len()];
                 for r in 0..rows {
-                    let row = lora_kernels::reference::merged_row(
-                        job.source,
-                        job.source_dtype,
-                        l.out,
-                        l.inp,
-                        l.transposed,
-                        &terms,
-                        r,
-                    )
-                    .map_err(Error::Kernel)?;
+                    let row = row_at(r)?;
                     for (c, v) in row.iter().enumerate() {
                         sq[if l.transposed { c } else { r }] += v * v;
                     }
@@ -781,16 +783,7 @@ fn verify_output(out: &Path, jobs: &[Job], out_dtype: Dtype) -> Result<VerifyRep
         };
         let samples: Vec<usize> = (0..8).map(|k| (k * 7919 + 13) % rows.max(1)).collect();
         for r in samples {
-            let mut row = lora_kernels::reference::merged_row(
-                job.source,
-                job.source_dtype,
-                l.out,
-                l.inp,
-                l.transposed,
-                &terms,
-                r,
-            )
-            .map_err(Error::Kernel)?;
+            let mut row = row_at(r)?;
             if let Some(f) = &factors {
                 for (c, v) in row.iter_mut().enumerate() {
                     *v *= f[if l.transposed { c } else { r }];
