@@ -118,9 +118,16 @@ fn parallel_read(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()
 }
 
 /// Copies files' ranges to their destinations; holds the streams and staging buffers.
+///
+/// Registrations of a finished file are released by a background thread while the next file
+/// is copied; dropping the engine waits for it, so drop the engine before the mapped files.
 pub struct UploadEngine {
     streams: Vec<(u32, Vec<Stream>)>,
     staging: Vec<PinnedBuffer>,
+    releaser: Option<(
+        std::sync::mpsc::Sender<Vec<HostRegion>>,
+        std::thread::JoinHandle<()>,
+    )>,
     /// Disable the registered path (for measurements of the others).
     pub allow_register: bool,
 }
@@ -132,9 +139,16 @@ impl UploadEngine {
         for c in contexts {
             streams.push((c.ordinal, vec![Stream::new(c)?, Stream::new(c)?]));
         }
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<HostRegion>>();
+        let releaser = std::thread::spawn(move || {
+            for regions in rx {
+                drop(regions);
+            }
+        });
         Ok(UploadEngine {
             streams,
             staging: Vec::new(),
+            releaser: Some((tx, releaser)),
             allow_register: true,
         })
     }
@@ -255,7 +269,13 @@ impl UploadEngine {
         // Two threads register alternate chunks ahead of the copies (pinning pages is CPU
         // work that would otherwise stall the DMA); this thread enqueues each chunk's copies
         // as soon as it is registered.
+        let trace = std::env::var_os("WEIGHTSMITH_TRACE").is_some();
+        let started = std::time::Instant::now();
+        let populate_ns = std::sync::atomic::AtomicU64::new(0);
+        let register_ns = std::sync::atomic::AtomicU64::new(0);
+        let mut wait_ns = 0u64;
         let result = std::thread::scope(|scope| -> Result<(), Error> {
+            let (populate_ns, register_ns) = (&populate_ns, &register_ns);
             let mut receivers = Vec::new();
             for t in 0..REGISTER_THREADS {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Result<HostRegion, Error>>(1);
@@ -272,8 +292,18 @@ impl UploadEngine {
                         // call; regions are dropped (unregistered) after every stream is
                         // synchronised below.
                         let range = unsafe { std::slice::from_raw_parts(s as *const u8, e - s) };
+                        let t0 = std::time::Instant::now();
                         populate(range);
+                        let t1 = std::time::Instant::now();
                         let r = unsafe { HostRegion::register(&ctx, range) };
+                        populate_ns.fetch_add(
+                            (t1 - t0).as_nanos() as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        register_ns.fetch_add(
+                            t1.elapsed().as_nanos() as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         let failed = r.is_err();
                         if tx.send(r).is_err() || failed {
                             break;
@@ -283,6 +313,7 @@ impl UploadEngine {
                 receivers.push(rx);
             }
             for (i, &(chunk_start, chunk_end)) in chunks.iter().enumerate() {
+                let waited = std::time::Instant::now();
                 let region =
                     receivers[i % REGISTER_THREADS]
                         .recv()
@@ -290,6 +321,7 @@ impl UploadEngine {
                             call: "cuMemHostRegister",
                             code: "registration thread ended".into(),
                         })??;
+                wait_ns += waited.elapsed().as_nanos() as u64;
                 regions.push(region);
                 for p in pieces {
                     let (ps, pe) = (base + p.offset as usize, base + p.offset as usize + p.len);
@@ -309,8 +341,28 @@ impl UploadEngine {
             }
             Ok(())
         });
+        let enqueued = started.elapsed();
         let synced = self.sync_all();
-        drop(regions);
+        let all = started.elapsed();
+        // Every copy from these regions has completed: unregister them in the background.
+        match &self.releaser {
+            Some((tx, _)) => {
+                if let Err(back) = tx.send(regions) {
+                    drop(back.0);
+                }
+            }
+            None => drop(regions),
+        }
+        if trace {
+            let ms = |ns: u64| ns as f64 / 1e6;
+            eprintln!(
+                "trace registered: {} MB, {} chunks, populate {:.0} ms + register {:.0} ms (thread sum), main waited {:.0} ms, enqueued at {:.0} ms, synced at {:.0} ms, handed back at {:.0} ms",
+                (hi - lo) / 1_000_000, chunks.len(),
+                ms(populate_ns.load(std::sync::atomic::Ordering::Relaxed)),
+                ms(register_ns.load(std::sync::atomic::Ordering::Relaxed)),
+                ms(wait_ns), enqueued.as_secs_f64() * 1e3, all.as_secs_f64() * 1e3, started.elapsed().as_secs_f64() * 1e3
+            );
+        }
         result.and(synced)
     }
 
@@ -370,6 +422,25 @@ impl UploadEngine {
             k += 1;
         }
         self.sync_all()
+    }
+}
+
+impl Drop for UploadEngine {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.releaser.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl UploadEngine {
+    /// Waits until every registration is released.
+    pub fn finish(mut self) {
+        if let Some((tx, handle)) = self.releaser.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
     }
 }
 
