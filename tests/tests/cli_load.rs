@@ -112,3 +112,60 @@ fn refuses_options_that_do_not_apply_and_bad_checkpoints() {
         "{err}"
     );
 }
+
+/// A copy of tiny-llama without one tensor, written with our writer.
+fn llama_without(dir: &std::path::Path, dropped: &str) {
+    let src = st_io::Checkpoint::open(fixture("models/tiny-llama")).unwrap();
+    let keep: Vec<&st_io::TensorInfo> =
+        src.tensors().iter().filter(|t| t.name != dropped).collect();
+    let specs = keep
+        .iter()
+        .map(|t| st_io::TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let out = dir.join("m");
+    let mut w = st_io::ShardWriter::create(&out, specs, st_io::WriterOptions::default()).unwrap();
+    for t in keep {
+        w.write_tensor(&t.name, src.tensor_bytes(t)).unwrap();
+    }
+    w.add_file(
+        "config.json",
+        &std::fs::read(fixture("models/tiny-llama/config.json")).unwrap(),
+    )
+    .unwrap();
+    w.finish().unwrap();
+}
+
+#[test]
+fn refuses_a_layer_missing_a_tensor_and_shapes_config_json_contradicts() {
+    let tmp = tempfile::tempdir().unwrap();
+    llama_without(tmp.path(), "model.layers.1.mlp.up_proj.weight");
+    let out = weightsmith(&["load", tmp.path().join("m").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(
+            "tensor \"model.layers.1.mlp.up_proj.weight\" is missing (every other layer has it)"
+        ),
+        "{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("models/tiny-llama")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["num_key_value_heads"] = 4.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = weightsmith(&["load", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(
+            "tensor \"model.layers.0.self_attn.k_proj.weight\" has shape [32, 64] but config.json"
+        ),
+        "{err}"
+    );
+}

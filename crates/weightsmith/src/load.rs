@@ -363,11 +363,104 @@ pub fn load(
     })
 }
 
-/// Before any copy: the layers config.json announces are all there, and the embedding has
-/// the shape it implies.
+/// Decoder layers are built alike: a tensor every other layer has, missing from one layer, or
+/// a shape every other layer agrees on, different in one, is a broken checkpoint (a truncated
+/// download, a bad conversion). Models whose layers differ by design (dense layers before MoE
+/// ones) differ in more than one layer and pass.
+fn check_layers_alike(c: &Checkpoint) -> Result<()> {
+    let layout = c.layout();
+    let Some(prefix) = layout.layer_prefix.as_deref() else {
+        return Ok(());
+    };
+    let layers: Vec<(u64, HashMap<&str, &Vec<u64>>)> = layout
+        .units
+        .iter()
+        .filter_map(|u| match u.kind {
+            UnitKind::Layer(i) => {
+                let lead = format!("{prefix}.{i}.");
+                let members = u
+                    .tensors
+                    .iter()
+                    .map(|&t| &c.tensors()[t])
+                    .filter_map(|t| t.name.strip_prefix(&lead).map(|rest| (rest, &t.shape)))
+                    .collect();
+                Some((i, members))
+            }
+            _ => None,
+        })
+        .collect();
+    if layers.len() < 3 {
+        return Ok(());
+    }
+    let mut count: HashMap<(&str, &Vec<u64>), usize> = HashMap::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (_, members) in &layers {
+        for (name, shape) in members {
+            *count.entry((name, shape)).or_default() += 1;
+            *names.entry(name).or_default() += 1;
+        }
+    }
+    let n = layers.len();
+    for (i, members) in &layers {
+        for (name, &k) in &names {
+            if k == n - 1 && !members.contains_key(name) {
+                return Err(Error::Usage(format!(
+                    "{}: tensor \"{prefix}.{i}.{name}\" is missing (every other layer has it): an incomplete or broken checkpoint",
+                    c.root().display()
+                )));
+            }
+        }
+        for (name, shape) in members {
+            if count.get(&(*name, *shape)) == Some(&1) && names.get(name) == Some(&n) {
+                let usual = count
+                    .iter()
+                    .find(|((m, _), &k)| m == name && k == n - 1)
+                    .map(|((_, s), _)| s);
+                if let Some(usual) = usual {
+                    return Err(Error::Usage(format!(
+                        "{}: tensor \"{prefix}.{i}.{name}\" has shape {shape:?} but every other layer's has {usual:?}",
+                        c.root().display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Before any copy: layers alike, the layers config.json announces are all there, attention
+/// projections and the embedding have the shapes it implies.
 fn check_architecture(c: &Checkpoint) -> Result<()> {
+    check_layers_alike(c)?;
     let Some(cfg) = c.config() else { return Ok(()) };
     let layout = c.layout();
+    // Attention projections have the shapes the head counts imply.
+    if let (Some(heads), Some(kv), Some(hd), Some(h)) = (
+        cfg.num_attention_heads,
+        cfg.kv_heads(),
+        cfg.head_dim(),
+        cfg.hidden_size,
+    ) {
+        for t in c.tensors() {
+            let expected = if t.name.ends_with("self_attn.q_proj.weight") {
+                Some([heads * hd, h])
+            } else if t.name.ends_with("self_attn.k_proj.weight")
+                || t.name.ends_with("self_attn.v_proj.weight")
+            {
+                Some([kv * hd, h])
+            } else {
+                None
+            };
+            if let Some(e) = expected {
+                if t.shape != e {
+                    return Err(Error::Usage(format!(
+                        "{}: tensor \"{}\" has shape {:?} but config.json (heads, key/value heads, head_dim, hidden_size) implies {e:?}",
+                        c.root().display(), t.name, t.shape
+                    )));
+                }
+            }
+        }
+    }
     if let Some(n) = cfg.num_hidden_layers {
         let found: Vec<u64> = layout
             .units
