@@ -261,3 +261,67 @@ fn rejects_bad_adapters_and_options_with_clear_errors() {
         "no output after any failure"
     );
 }
+
+#[test]
+fn a_trained_head_of_a_tied_model_is_written_and_untied() {
+    // Qwen2 ties its head to the embedding; an adapter that saved lm_head (modules_to_save)
+    // must give a model whose head is that tensor, not the embedding (transformers #45127).
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj"],"modules_to_save":["lm_head"]}"#).unwrap();
+    let head: Vec<u8> = (0..128 * 32)
+        .flat_map(|i: u32| {
+            weightsmith::st_io::convert::f32_to_bf16_bits((i % 97) as f32 / 97.0 - 0.5)
+                .to_le_bytes()
+        })
+        .collect();
+    let spec = vec![st_io::TensorSpec::new(
+        "base_model.model.lm_head.weight",
+        st_io::Dtype::BF16,
+        vec![128, 32],
+    )];
+    let mut w = st_io::ShardWriter::create(
+        tmp.path().join("weights"),
+        spec,
+        st_io::WriterOptions::default(),
+    )
+    .unwrap();
+    w.write_tensor("base_model.model.lm_head.weight", &head)
+        .unwrap();
+    w.finish().unwrap();
+    std::fs::rename(
+        tmp.path().join("weights/model.safetensors"),
+        adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let out = tmp.path().join("merged");
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        &s(&fixture("models/tiny-qwen2")),
+        "--adapter",
+        &s(&adapter),
+        "--out",
+        &s(&out),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let merged = st_io::Checkpoint::open(&out).unwrap();
+    let base = st_io::Checkpoint::open(fixture("models/tiny-qwen2")).unwrap();
+    assert!(
+        base.tensor("lm_head.weight").is_none(),
+        "the fixture is tied"
+    );
+    assert_eq!(
+        merged.tensor_bytes(merged.tensor("lm_head.weight").unwrap()),
+        head.as_slice()
+    );
+    let emb = "model.embed_tokens.weight";
+    assert_eq!(
+        merged.tensor_bytes(merged.tensor(emb).unwrap()),
+        base.tensor_bytes(base.tensor(emb).unwrap())
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], false);
+}
