@@ -28,6 +28,17 @@ fn write_st(path: &Path, tensors: &[(&str, u64)]) {
     std::fs::write(path, bytes).unwrap();
 }
 
+const SHARD1: &str = "model-00001-of-00002.safetensors";
+const SHARD2: &str = "model-00002-of-00002.safetensors";
+/// The index of the folder `sharded` writes.
+const MAP: &[(&str, &str)] = &[
+    ("model.embed_tokens.weight", SHARD1),
+    ("model.layers.0.mlp.weight", SHARD1),
+    ("model.layers.1.mlp.weight", SHARD2),
+    ("model.norm.weight", SHARD2),
+    ("lm_head.weight", SHARD2),
+];
+
 fn write_index(dir: &Path, total: u64, map: &[(&str, &str)]) {
     let weight_map: serde_json::Map<String, serde_json::Value> = map
         .iter()
@@ -56,26 +67,7 @@ fn sharded(dir: &Path) {
             ("lm_head.weight", 16),
         ],
     );
-    write_index(
-        dir,
-        50,
-        &[
-            (
-                "model.embed_tokens.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.0.mlp.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.1.mlp.weight",
-                "model-00002-of-00002.safetensors",
-            ),
-            ("model.norm.weight", "model-00002-of-00002.safetensors"),
-            ("lm_head.weight", "model-00002-of-00002.safetensors"),
-        ],
-    );
+    write_index(dir, 50, MAP);
     std::fs::write(dir.join("config.json"), CONFIG).unwrap();
 }
 
@@ -177,26 +169,7 @@ fn rejects_a_tensor_missing_from_its_shard() {
     write_index(
         dir.path(),
         50,
-        &[
-            (
-                "model.embed_tokens.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.0.mlp.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.1.mlp.weight",
-                "model-00002-of-00002.safetensors",
-            ),
-            ("model.norm.weight", "model-00002-of-00002.safetensors"),
-            ("lm_head.weight", "model-00002-of-00002.safetensors"),
-            (
-                "model.layers.2.mlp.weight",
-                "model-00002-of-00002.safetensors",
-            ),
-        ],
+        &[MAP, &[("model.layers.2.mlp.weight", SHARD2)]].concat(),
     );
     let e = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
@@ -209,25 +182,7 @@ fn rejects_a_tensor_missing_from_its_shard() {
 fn rejects_a_shard_tensor_absent_from_the_index_or_mapped_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     sharded(dir.path());
-    write_index(
-        dir.path(),
-        50,
-        &[
-            (
-                "model.embed_tokens.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.0.mlp.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.1.mlp.weight",
-                "model-00002-of-00002.safetensors",
-            ),
-            ("model.norm.weight", "model-00002-of-00002.safetensors"),
-        ],
-    );
+    write_index(dir.path(), 50, &MAP[..4]);
     let e = Checkpoint::open(dir.path()).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -321,26 +276,7 @@ fn accepts_the_hugging_face_cache_layout() {
 fn reports_stale_shards_and_wrong_total_size() {
     let dir = tempfile::tempdir().unwrap();
     sharded(dir.path());
-    write_index(
-        dir.path(),
-        49,
-        &[
-            (
-                "model.embed_tokens.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.0.mlp.weight",
-                "model-00001-of-00002.safetensors",
-            ),
-            (
-                "model.layers.1.mlp.weight",
-                "model-00002-of-00002.safetensors",
-            ),
-            ("model.norm.weight", "model-00002-of-00002.safetensors"),
-            ("lm_head.weight", "model-00002-of-00002.safetensors"),
-        ],
-    );
+    write_index(dir.path(), 49, MAP);
     write_st(
         &dir.path().join("model-00001-of-00003.safetensors"),
         &[("old", 1)],
