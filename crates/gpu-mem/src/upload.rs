@@ -99,6 +99,20 @@ fn populate(range: &[u8]) {
     });
 }
 
+/// posix_fadvise on a range of `file` (a hint: errors are ignored).
+fn advise(file: &File, offset: usize, len: usize, advice: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the life of `file`; posix_fadvise only hints.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            advice,
+        );
+    }
+}
+
 /// Reads `dst.len()` bytes at `offset` with several threads.
 fn parallel_read(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
     let piece = dst.len().div_ceil(READ_THREADS).max(1 << 20);
@@ -377,6 +391,7 @@ impl UploadEngine {
         while self.staging.len() < STAGING_BUFFERS {
             self.staging.push(PinnedBuffer::new(&ctx, STAGING_BYTES)?);
         }
+        advise(file, lo, hi - lo, libc::POSIX_FADV_SEQUENTIAL);
         // Which streams each staging buffer was last copied on.
         let mut pending: Vec<Vec<(usize, usize)>> = vec![Vec::new(); STAGING_BUFFERS];
         let mut window = lo;
@@ -388,6 +403,14 @@ impl UploadEngine {
             }
             pending[b].clear();
             let n = STAGING_BYTES.min(hi - window);
+            // Keep the disk busy while this window is copied: ask the kernel to read the next
+            // two windows ahead (a hint; errors are ignored).
+            advise(
+                file,
+                window + n,
+                2 * STAGING_BYTES,
+                libc::POSIX_FADV_WILLNEED,
+            );
             {
                 let buf = &mut self.staging[b].as_mut_slice()[..n];
                 parallel_read(file, window as u64, buf).map_err(|e| Error::Read {
