@@ -169,3 +169,33 @@ fn refuses_a_layer_missing_a_tensor_and_shapes_config_json_contradicts() {
         "{err}"
     );
 }
+
+#[test]
+fn progress_names_the_file_units_and_devices() {
+    let mut seen = Vec::new();
+    let loaded = load(
+        fixture("models/tiny-llama"),
+        &LoadOptions::default(),
+        &mut |p| {
+            seen.push((
+                p.file.to_string(),
+                p.units.to_string(),
+                p.bytes_done,
+                p.bytes_total,
+            ))
+        },
+    )
+    .unwrap();
+    assert_eq!(seen.len(), 4, "one call per file and a final one: {seen:?}");
+    let device = loaded.tensors[0].device.to_string();
+    assert_eq!(seen[0].0, "model-00001-of-00003.safetensors");
+    assert!(
+        seen[0].1.starts_with("embedding") && seen[0].1.ends_with(&format!("→ {device}")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen[3].2, seen[3].3,
+        "the last call reports every byte done"
+    );
+    assert!(seen.windows(2).all(|w| w[0].2 <= w[1].2));
+}

@@ -136,7 +136,10 @@ impl LoadedModel {
 pub struct LoadProgress<'a> {
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// The file being copied.
     pub file: &'a str,
+    /// The units it feeds and their devices, e.g. `layers.0-7 → cuda:0, layers.8 → cuda:1`.
+    pub units: &'a str,
 }
 
 /// Options of [`load`].
@@ -227,10 +230,12 @@ pub fn load(
     let mut per_device_bytes: HashMap<Device, u64> = HashMap::new();
     let copy_started = Instant::now();
     for (f, shard) in checkpoint.files().iter().enumerate() {
+        let units = units_of_file(&layout, &plan, checkpoint.tensors(), f);
         progress(LoadProgress {
             bytes_done,
             bytes_total,
             file: &shard.name,
+            units: &units,
         });
         let file = std::fs::File::open(&shard.path).map_err(|e| st_io::Error::Io {
             path: shard.path.clone(),
@@ -270,6 +275,7 @@ pub fn load(
         bytes_done,
         bytes_total,
         file: "",
+        units: "",
     });
     // Every byte is on its device now; releasing the host registrations is cleanup, counted
     // in the load's total time but not in the copy rate.
@@ -361,6 +367,34 @@ pub fn load(
         by_name,
         _contexts: ctx_list,
     })
+}
+
+/// `embedding, layers.0-7 → cuda:0; layers.8-12 → cuda:1` for the units file `f` feeds.
+fn units_of_file(
+    layout: &st_io::ModelLayout,
+    plan: &PlanReport,
+    tensors: &[st_io::TensorInfo],
+    f: usize,
+) -> String {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for (unit, planned) in layout.units.iter().zip(&plan.plan.units) {
+        if !unit.tensors.iter().any(|&t| tensors[t].file == f) {
+            continue;
+        }
+        let device = match planned.device {
+            Placement::Device(d) => plan.plan.devices[d].name.clone(),
+            Placement::Host => "host".into(),
+        };
+        match groups.last_mut() {
+            Some((d, names)) if *d == device => names.push(unit.name.clone()),
+            _ => groups.push((device, vec![unit.name.clone()])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(d, names)| format!("{} → {d}", crate::plan::compact_units(names)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Decoder layers are built alike: a tensor every other layer has, missing from one layer, or

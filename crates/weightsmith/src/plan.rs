@@ -410,7 +410,7 @@ impl PlanReport {
 }
 
 /// `embedding, layers.0-17, norm` from a unit list.
-fn compact_units(units: &[String]) -> String {
+pub(crate) fn compact_units(units: &[String]) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut run: Option<(u64, u64)> = None;
     let flush = |run: &mut Option<(u64, u64)>, parts: &mut Vec<String>| {

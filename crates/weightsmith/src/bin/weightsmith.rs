@@ -195,7 +195,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let loaded = weightsmith::load(&args.plan.model, &options, &mut |p| {
                 bar.set_length(p.bytes_total);
                 bar.set_position(p.bytes_done);
-                bar.set_message(p.file.to_string());
+                bar.set_message(format!("{}: {}", p.file, p.units));
             });
             bar.finish_and_clear();
             let loaded = loaded?;
