@@ -25,6 +25,16 @@ rm -f "$W/ddw"
 # Ours, warm (base in the page cache) and cold.
 cat "$W"/base/*.safetensors > /dev/null
 python3 scripts/measure.py ours-cpu-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu
+cat "$W"/base/*.safetensors > /dev/null
+python3 scripts/measure.py ours-cuda-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours-cuda" --device cuda:0
+python3 -c "
+import hashlib, os, sys
+def digest(d):
+    return {f: hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest() for f in sorted(os.listdir(d)) if f.endswith('.safetensors')}
+a, b = digest(sys.argv[1]), digest(sys.argv[2])
+print('cpu and cuda outputs identical:', a == b)
+" "$W/ours" "$W/ours-cuda"
+rm -rf "$W/ours-cuda"
 cold
 python3 scripts/measure.py ours-cpu-cold -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu --force
 # PEFT, warm, on CPU and on the GPU.

@@ -163,3 +163,58 @@ fn every_case_matches_peft_within_its_ulp_budget() {
     }
     eprintln!("{}", summary.join("\n"));
 }
+
+/// With a GPU (scripts/gpu-check.sh), the CUDA merge gives exactly the CPU merge's bytes on
+/// every fixture; without one this says so and checks nothing more.
+#[test]
+fn the_gpu_merge_equals_the_cpu_merge_bit_for_bit() {
+    if weightsmith::gpu_mem::discover().unwrap().is_empty() {
+        eprintln!("no GPU here: the GPU = CPU comparison runs in scripts/gpu-check.sh");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for name in CASES {
+        let dir = fixture(&format!("adapters/{name}"));
+        let case: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let adapters: Vec<(PathBuf, f64)> = case["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["weights"].as_array().unwrap())
+            .map(|(a, w)| (dir.join(a.as_str().unwrap()), w.as_f64().unwrap()))
+            .collect();
+        let mut outputs = Vec::new();
+        for device in [
+            weightsmith::MergeDevice::Cpu,
+            weightsmith::MergeDevice::Cuda(0),
+        ] {
+            let out = tmp.path().join(format!("{name}-{device:?}"));
+            let mut options = MergeOptions::new(adapters.clone(), &out);
+            options.device = device;
+            let report = merge(
+                fixture(case["base"].as_str().unwrap()),
+                &options,
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(
+                report.device == "cpu",
+                device == weightsmith::MergeDevice::Cpu
+            );
+            outputs.push(out);
+        }
+        let (cpu, gpu) = (
+            Checkpoint::open(&outputs[0]).unwrap(),
+            Checkpoint::open(&outputs[1]).unwrap(),
+        );
+        for t in cpu.tensors() {
+            let g = gpu.tensor(&t.name).unwrap();
+            assert!(
+                cpu.tensor_bytes(t) == gpu.tensor_bytes(g),
+                "{name}: {} differs between CPU and GPU",
+                t.name
+            );
+        }
+    }
+}

@@ -390,3 +390,108 @@ impl Drop for HostRegion {
         }
     }
 }
+
+/// A kernel argument, passed by value.
+#[derive(Debug, Clone, Copy)]
+pub enum KernelArg {
+    /// A device address (0 for a null pointer).
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+}
+
+/// PTX loaded into a context.
+#[derive(Debug)]
+pub struct Module {
+    raw: sys::CUmodule,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: module handles may be used from any thread with their context current.
+unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
+
+impl Module {
+    /// JIT-compiles and loads PTX text.
+    pub fn load_ptx(ctx: &Arc<Context>, ptx: &str) -> Result<Module, Error> {
+        ctx.bind()?;
+        let text = std::ffi::CString::new(ptx).map_err(|_| Error::Cuda {
+            call: "cuModuleLoadData",
+            code: "PTX contains a NUL byte".into(),
+        })?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: context current; `text` is a NUL-terminated PTX image alive for the call.
+        check("cuModuleLoadData", unsafe {
+            sys::cuModuleLoadData(&mut raw, text.as_ptr() as *const c_void)
+        })?;
+        Ok(Module {
+            raw,
+            ctx: ctx.clone(),
+        })
+    }
+
+    /// Launches kernel `name` on `stream` (asynchronous).
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and type, and every pointer
+    /// must address memory of the right size that stays valid until the stream is synchronised.
+    pub unsafe fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        stream: &Stream,
+        args: &[KernelArg],
+    ) -> Result<(), Error> {
+        self.ctx.bind()?;
+        let cname = std::ffi::CString::new(name).map_err(|_| Error::Cuda {
+            call: "cuModuleGetFunction",
+            code: "bad kernel name".into(),
+        })?;
+        let mut f = std::ptr::null_mut();
+        // SAFETY: a loaded module and a NUL-terminated name.
+        check("cuModuleGetFunction", unsafe {
+            sys::cuModuleGetFunction(&mut f, self.raw, cname.as_ptr())
+        })?;
+        let mut values: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                KernelArg::Ptr(p) => p,
+                KernelArg::I32(v) => v as u32 as u64,
+                KernelArg::I64(v) => v as u64,
+            })
+            .collect();
+        // Each parameter points at its value (little-endian: an i32 reads the low 4 bytes).
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|v| v as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: the caller guarantees the arguments match the kernel; `params` and `values`
+        // outlive the call, which copies them.
+        check("cuLaunchKernel", unsafe {
+            sys::cuLaunchKernel(
+                f,
+                grid.0,
+                grid.1,
+                grid.2,
+                block.0,
+                block.1,
+                block.2,
+                0,
+                stream.raw,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind();
+        // SAFETY: loaded in `load_ptx`, unloaded once.
+        unsafe {
+            sys::cuModuleUnload(self.raw);
+        }
+    }
+}

@@ -89,6 +89,20 @@ impl LoraProduct {
         })
     }
 
+    /// `[stored_rows, rank]` coefficients, row-major.
+    pub fn left(&self) -> &[f32] {
+        &self.left
+    }
+
+    /// `[rank, stored_cols]` rows, row-major.
+    pub fn right(&self) -> &[f32] {
+        &self.right
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
     /// Adds this product's stored row `row` to `acc`: `acc += Σⱼ left[row][j] · right[j]`,
     /// j in order, one multiply and one add per term (no fused multiply-add, so every machine
     /// gets the same bits).
@@ -133,6 +147,15 @@ pub struct DoraScale {
 }
 
 impl DoraScale {
+    /// One factor per output row (per stored column when `transposed`).
+    pub fn factors(&self) -> &[f32] {
+        &self.factors
+    }
+
+    pub fn transposed(&self) -> bool {
+        self.transposed
+    }
+
     /// Computes the factors from the base weight (stored rows of `base`), the product, and the
     /// magnitude vector (one value per logical output row).
     pub fn new(
@@ -227,6 +250,40 @@ impl MergeStats {
             (self.delta_sq / self.base_sq).sqrt()
         }
     }
+}
+
+/// The report sums of a merged block, from its base rows and its 16-bit output (the GPU path
+/// computes the merge on the device and these on the host).
+pub fn stats_of(
+    base: &[u8],
+    base_dtype: Dtype,
+    out: &[u8],
+    out_dtype: Dtype,
+    cols: usize,
+) -> Result<MergeStats> {
+    let size = dtype_size(base_dtype)?;
+    if cols == 0 {
+        return Ok(MergeStats::default());
+    }
+    base.par_chunks(cols * size)
+        .zip(out.par_chunks(cols * 2))
+        .map_init(
+            || (vec![0f32; cols], vec![0f32; cols]),
+            |(w, m), (b, o)| -> Result<MergeStats> {
+                decode_f32(base_dtype, b, w)?;
+                decode_f32(out_dtype, o, m)?;
+                let mut s = MergeStats::default();
+                for (x, y) in w.iter().zip(m.iter()) {
+                    s.base_sq += (*x as f64) * (*x as f64);
+                    s.delta_sq += ((*y - *x) as f64).powi(2);
+                }
+                Ok(s)
+            },
+        )
+        .try_reduce(MergeStats::default, |mut a, b| {
+            a.add(b);
+            Ok(a)
+        })
 }
 
 /// Merges stored rows `first_row ..` of a weight into `out` (16-bit, whole rows), in

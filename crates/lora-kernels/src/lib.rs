@@ -6,10 +6,12 @@
 //! The CPU path ([`cpu`]) is multi-threaded over rows, streams a tensor block by block so no
 //! f32 copy of a whole tensor is ever made, and its inner loop is an axpy the compiler
 //! vectorises. An f64 twin ([`reference`]) recomputes sample rows to verify a merge. The CUDA
-//! path (PTX built by `cargo xtask build-kernels`) is the rest of the merge issue.
+//! path ([`gpu`], PTX built by `cargo xtask build-kernels` and embedded) does the same
+//! arithmetic in the same order, so it gives the same bits.
 //! It deliberately does not read files or choose devices.
 
 pub mod cpu;
+pub mod gpu;
 pub mod reference;
 
 pub use cpu::{DoraScale, LoraProduct, LoraTerm, MergeStats};
@@ -24,6 +26,8 @@ pub enum Error {
     Shape { message: String },
     #[error("{dtype} is not a dtype the merge reads or writes (F32, F16, BF16 in; F16, BF16 out)")]
     Dtype { dtype: Dtype },
+    #[error("GPU merge: {message}")]
+    Gpu { message: String },
     #[error("the merge produced a non-finite value in row {row}: the adapter looks broken")]
     NonFinite { row: usize },
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lora_kernels::cpu::merge_rows;
+use lora_kernels::gpu::GpuMerger;
 use lora_kernels::{encode_half, to_f32_vec, DoraScale, LoraProduct, LoraTerm, MergeStats};
 use serde::Serialize;
 use st_io::convert::can_convert;
@@ -145,13 +146,18 @@ pub fn merge(
     if options.adapters.is_empty() {
         return Err(Error::Usage("give at least one --adapter".into()));
     }
-    let device = match options.device {
-        MergeDevice::Auto | MergeDevice::Cpu => "cpu",
-        MergeDevice::Cuda(n) => {
-            return Err(Error::Usage(format!(
-            "--device cuda:{n}: the CUDA merge path is not built yet; use --device cpu (or auto)"
-        )))
-        }
+    let gpu = match options.device {
+        MergeDevice::Cpu => None,
+        MergeDevice::Cuda(n) => Some(GpuMerger::new(n)?),
+        MergeDevice::Auto => match gpu_mem::discover()?.first() {
+            Some(_) => Some(GpuMerger::new(0)?),
+            None => None,
+        },
+    };
+    let device = match (options.device, &gpu) {
+        (MergeDevice::Cuda(n), Some(_)) => format!("cuda:{n}"),
+        (_, Some(_)) => "cuda:0".to_string(),
+        _ => "cpu".to_string(),
     };
     if options.out.exists() && !options.force {
         return Err(st_io::Error::DestinationExists {
@@ -206,7 +212,7 @@ pub fn merge(
         if let Some(next) = jobs.get(i + 1).and_then(|j| j.base_tensor) {
             base.prefetch(next);
         }
-        let stats = write_job(&mut writer, job, out_dtype)?;
+        let stats = write_job(&mut writer, job, out_dtype, gpu.as_ref())?;
         if job.lora.is_some() || !job.bias_terms.is_empty() {
             modules.push(ModuleReport {
                 tensor: job.spec.name.clone(),
@@ -501,7 +507,12 @@ fn block_rows(cols: usize) -> usize {
     ((32usize << 20) / (cols.max(1) * 2)).max(1)
 }
 
-fn write_job(writer: &mut ShardWriter, job: &Job, out_dtype: Dtype) -> Result<MergeStats> {
+fn write_job(
+    writer: &mut ShardWriter,
+    job: &Job,
+    out_dtype: Dtype,
+    gpu: Option<&GpuMerger>,
+) -> Result<MergeStats> {
     let name = job.spec.name.as_str();
     let target = job.spec.dtype;
     // Not a float we convert: copied as it is.
@@ -572,6 +583,12 @@ fn write_job(writer: &mut ShardWriter, job: &Job, out_dtype: Dtype) -> Result<Me
         ),
         _ => None,
     };
+    // LoRA targets go to the GPU when there is one; plain conversions stay on the CPU.
+    let on_gpu = match (gpu, &product) {
+        (Some(g), Some(p)) => Some((g, g.prepare(Some(p), dora.as_ref())?)),
+        _ => None,
+    };
+    let on_gpu = on_gpu.as_ref();
     let step = block_rows(cols);
     let block_bytes = step.min(rows) * cols * 2;
     let kind = out_dtype_for(target, out_dtype);
@@ -595,16 +612,21 @@ fn write_job(writer: &mut ShardWriter, job: &Job, out_dtype: Dtype) -> Result<Me
                     break;
                 };
                 let out = &mut buffer[..n * cols * 2];
-                stats.add(merge_rows(
-                    job.source,
-                    job.source_dtype,
-                    cols,
-                    product,
-                    dora,
-                    row,
-                    kind,
-                    out,
-                )?);
+                stats.add(match on_gpu {
+                    Some((g, t)) => {
+                        g.merge_rows(t, job.source, job.source_dtype, cols, row, kind, out)?
+                    }
+                    None => merge_rows(
+                        job.source,
+                        job.source_dtype,
+                        cols,
+                        product,
+                        dora,
+                        row,
+                        kind,
+                        out,
+                    )?,
+                });
                 if filled_tx.send((buffer, n * cols * 2)).is_err() {
                     break;
                 }
