@@ -24,7 +24,7 @@ pub const MERGE_SCHEMA_VERSION: u32 = 1;
 /// Where the arithmetic runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MergeDevice {
-    /// A GPU when there is one, else the CPU.
+    /// The fastest path: today the CPU (see `merge`), later a GPU when there is one.
     Auto,
     Cpu,
     Cuda(u32),
@@ -146,13 +146,12 @@ pub fn merge(
     if options.adapters.is_empty() {
         return Err(Error::Usage("give at least one --adapter".into()));
     }
+    // `auto` is the CPU for now: on the H100 machine the CPU path (14.8 s for an 8B model) beats
+    // this first GPU path (23.8 s; pageable copies and a synchronisation per block), which gives
+    // the same bits. `--device cuda:N` asks for the GPU.
     let gpu = match options.device {
-        MergeDevice::Cpu => None,
+        MergeDevice::Cpu | MergeDevice::Auto => None,
         MergeDevice::Cuda(n) => Some(GpuMerger::new(n)?),
-        MergeDevice::Auto => match gpu_mem::discover()?.first() {
-            Some(_) => Some(GpuMerger::new(0)?),
-            None => None,
-        },
     };
     let device = match (options.device, &gpu) {
         (MergeDevice::Cuda(n), Some(_)) => format!("cuda:{n}"),
