@@ -162,7 +162,8 @@ struct Item {
 struct Prepared {
     items: Vec<Item>,
     host_units: Vec<usize>,
-    budgets: Vec<u64>,
+    /// Bytes each device can take for units; -1 for a device that can take nothing.
+    budgets: Vec<i128>,
     base_overheads: Vec<u64>,
     weights: Vec<u64>,
     caches: Vec<u64>,
@@ -188,9 +189,14 @@ fn prepare(req: &PlanRequest) -> Result<Prepared, Error> {
             .overhead_bytes
             .unwrap_or_else(|| default_overhead_bytes(&req.dims, &req.cache));
         base_overheads.push(overhead);
-        budgets.push(
-            d.capacity_bytes - d.reserve_bytes - overhead.min(d.capacity_bytes - d.reserve_bytes),
-        );
+        // A device whose overhead alone exceeds its room can hold nothing, not even a
+        // zero-byte unit (its context would not fit): budget -1.
+        let room = d.capacity_bytes - d.reserve_bytes;
+        budgets.push(if overhead > room {
+            -1
+        } else {
+            (room - overhead) as i128
+        });
     }
     let embedding_bytes: u64 = req
         .units
@@ -297,16 +303,19 @@ fn plan_without_advice(req: &PlanRequest) -> Result<Plan, Error> {
                     devices: req.devices.len(),
                 });
             }
+            let mut budgets = Vec::with_capacity(split.len());
             for (i, (&s, &b)) in split.iter().zip(&p.budgets).enumerate() {
-                if s > b {
+                if s as i128 > b.max(0) {
                     return Err(Error::SplitTooLarge {
                         device: req.devices[i].name.clone(),
                         split_bytes: s,
-                        usable_bytes: b,
+                        usable_bytes: b.max(0) as u64,
                     });
                 }
+                // A device that can take nothing stays so whatever its split (0 here).
+                budgets.push(if b < 0 { -1 } else { s as i128 });
             }
-            greedy(&p.items, split)
+            greedy(&p.items, &budgets)
         }
         Strategy::ManualLayers(counts) => manual_layers(req, &p, counts)?,
     };
@@ -318,11 +327,11 @@ fn plan_without_advice(req: &PlanRequest) -> Result<Plan, Error> {
 type Assignment = Result<Vec<usize>, usize>;
 
 /// exllamav2's rule: fill device 0 until the next item does not fit, then device 1, …
-fn greedy(items: &[Item], budgets: &[u64]) -> Assignment {
+fn greedy(items: &[Item], budgets: &[i128]) -> Assignment {
     let mut out = Vec::with_capacity(items.len());
     let (mut device, mut used) = (0usize, 0u64);
     for (i, item) in items.iter().enumerate() {
-        while device < budgets.len() && used + item.load > budgets[device] {
+        while device < budgets.len() && (used + item.load) as i128 > budgets[device] {
             device += 1;
             used = 0;
         }
@@ -353,12 +362,17 @@ impl Ratio {
 
 /// Fills devices in order, each up to `r` × its budget. Returns the assignment, or the
 /// per-device loads and first item of each device's range when not everything fit.
-fn fill(items: &[Item], budgets: &[u64], r: Ratio) -> (Vec<usize>, Vec<(u64, usize)>) {
+fn fill(items: &[Item], budgets: &[i128], r: Ratio) -> (Vec<usize>, Vec<(u64, usize)>) {
     let mut out = Vec::with_capacity(items.len());
     let mut ranges = Vec::with_capacity(budgets.len());
     let mut next = 0;
-    for (d, &b) in budgets.iter().enumerate() {
+    for (d, &budget) in budgets.iter().enumerate() {
         let mut used = 0u64;
+        if budget < 0 {
+            ranges.push((used, next));
+            continue;
+        }
+        let b = budget as u64;
         while next < items.len() {
             let after = used + items[next].load;
             if after > b
@@ -386,7 +400,7 @@ fn fill(items: &[Item], budgets: &[u64], r: Ratio) -> (Vec<usize>, Vec<(u64, usi
 /// r ≥ the optimum, and its outcome only changes at breakpoints (load of a device's range plus
 /// its next item) / budget. Starting from r = 0, jump to the smallest breakpoint above until
 /// everything fits: the first r that fits is the optimum, found with exact integer ratios.
-fn balanced(items: &[Item], budgets: &[u64]) -> Assignment {
+fn balanced(items: &[Item], budgets: &[i128]) -> Assignment {
     let mut r = Ratio { num: 0, den: 1 };
     loop {
         let (out, ranges) = fill(items, budgets, r);
@@ -395,10 +409,13 @@ fn balanced(items: &[Item], budgets: &[u64]) -> Assignment {
         }
         let mut best: Option<Ratio> = None;
         for (d, &(used, next)) in ranges.iter().enumerate() {
-            let b = budgets[d];
-            if next >= items.len() || b == 0 || used + items[next].load > b {
+            if next >= items.len()
+                || budgets[d] <= 0
+                || (used + items[next].load) as i128 > budgets[d]
+            {
                 continue;
             }
+            let b = budgets[d] as u64;
             let candidate = Ratio {
                 num: (used + items[next].load) as u128,
                 den: b as u128,
@@ -474,7 +491,7 @@ fn manual_layers(req: &PlanRequest, p: &Prepared, counts: &[u64]) -> Result<Assi
     let mut used = vec![0u64; req.devices.len()];
     for (i, &d) in out.iter().enumerate() {
         used[d] += p.items[i].load;
-        if used[d] > p.budgets[d] {
+        if used[d] as i128 > p.budgets[d] {
             return Ok(Err(i));
         }
     }

@@ -282,3 +282,19 @@ fn quantised_caches_shrink_the_cache() {
         "Q4 = 4.5 bits per element with scales"
     );
 }
+
+#[test]
+fn a_device_whose_overhead_exceeds_its_room_takes_nothing() {
+    // Not even a zero-byte unit: its CUDA context alone would not fit.
+    let mut req = request(vec![gpu(0, 24), gpu(1, 24)], Strategy::Greedy, 0);
+    req.devices[0].capacity_bytes = 100 * MIB;
+    req.devices[0].overhead_bytes = Some(200 * MIB);
+    for strategy in [Strategy::Greedy, Strategy::Balanced] {
+        req.strategy = strategy;
+        let p = plan(&req).unwrap();
+        assert!(p.devices[0].units.is_empty(), "{:?}", p.devices[0].units);
+        assert_eq!(p.devices[0].overhead_bytes, 0);
+    }
+    req.strategy = Strategy::ManualLayers(vec![1, 31]);
+    assert!(matches!(plan(&req), Err(Error::DoesNotFit { .. })));
+}

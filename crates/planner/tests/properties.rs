@@ -109,9 +109,15 @@ fn with(req: &PlanRequest, strategy: Policy) -> PlanRequest {
     }
 }
 
-fn budget(d: &DeviceSpec) -> u64 {
+/// Room for units; -1 when the overhead alone does not fit (the device takes nothing).
+fn budget(d: &DeviceSpec) -> i128 {
     let usable = d.capacity_bytes - d.reserve_bytes;
-    usable - d.overhead_bytes.unwrap().min(usable)
+    let overhead = d.overhead_bytes.unwrap();
+    if overhead > usable {
+        -1
+    } else {
+        (usable - overhead) as i128
+    }
 }
 
 /// Load of each device as the objective sees it (weights + cache), and its budget.
@@ -119,7 +125,7 @@ fn loads(req: &PlanRequest, p: &Plan) -> Vec<(u64, u64)> {
     p.devices
         .iter()
         .zip(&req.devices)
-        .map(|(d, spec)| (d.weight_bytes + d.cache_bytes, budget(spec)))
+        .map(|(d, spec)| (d.weight_bytes + d.cache_bytes, budget(spec).max(0) as u64))
         .collect()
 }
 
@@ -189,15 +195,15 @@ fn reference_groups(req: &PlanRequest) -> Vec<(Vec<usize>, u64)> {
 /// left on the current device, move to the next device; fail past the last one.
 fn exllamav2_autosplit(req: &PlanRequest) -> Option<Vec<Placement>> {
     let mut placement = vec![Placement::Host; req.units.len()];
-    let mut free: Vec<u64> = req.devices.iter().map(budget).collect();
+    let mut free: Vec<i128> = req.devices.iter().map(budget).collect();
     let mut current = 0;
     for (ids, cost) in reference_groups(req) {
         loop {
             if current >= free.len() {
                 return None;
             }
-            if cost <= free[current] {
-                free[current] -= cost;
+            if (cost as i128) <= free[current] {
+                free[current] -= cost as i128;
                 break;
             }
             current += 1;
@@ -212,10 +218,10 @@ fn exllamav2_autosplit(req: &PlanRequest) -> Option<Vec<Placement>> {
 /// The best worst-ratio over every contiguous split of the groups into the devices.
 fn brute_force_optimum(req: &PlanRequest) -> Option<(u128, u128)> {
     let groups = reference_groups(req);
-    let budgets: Vec<u64> = req.devices.iter().map(budget).collect();
+    let budgets: Vec<i128> = req.devices.iter().map(budget).collect();
     fn go(
         groups: &[(Vec<usize>, u64)],
-        budgets: &[u64],
+        budgets: &[i128],
         start: usize,
         device: usize,
         acc: Vec<(u64, u64)>,
@@ -235,11 +241,12 @@ fn brute_force_optimum(req: &PlanRequest) -> Option<(u128, u128)> {
             if end > start {
                 load += groups[end - 1].1;
             }
-            if load > budgets[device] {
+            // An unusable device (budget -1) can only take the empty range.
+            if end > start && load as i128 > budgets[device] {
                 break;
             }
             let mut next = acc.clone();
-            next.push((load, budgets[device]));
+            next.push((load, budgets[device].max(0) as u64));
             go(groups, budgets, end, device + 1, next, best);
         }
     }
