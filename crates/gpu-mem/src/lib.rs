@@ -1,7 +1,8 @@
 //! `gpu-mem`: the only weightsmith crate that talks to CUDA.
 //!
 //! Device discovery ([`discover`]), memory information, allocations, pinned staging buffers,
-//! host-registered regions of mapped files, streams and async copies, through `cudarc` loaded
+//! host-registered regions of mapped files, streams, async copies, PTX modules and kernel
+//! launches, and the upload engine ([`upload`]), through `cudarc` loaded
 //! at run time: a binary that links this crate starts and runs on a machine with no NVIDIA
 //! driver, where [`Device::Host`] is the one device. `is_culib_present` is checked before any
 //! other CUDA call. All `unsafe` code lives in [`cuda`]; the rest of the workspace uses its
