@@ -30,17 +30,23 @@ struct Outcome {
     changed: usize,
 }
 
-fn run_case(name: &str, out: &std::path::Path) -> (weightsmith::MergeReport, Value) {
+/// A fixture case: its case.json and its adapters with their weights.
+fn load_case(name: &str) -> (Value, Vec<(PathBuf, f64)>) {
     let dir = fixture(&format!("adapters/{name}"));
     let case: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let adapters: Vec<(PathBuf, f64)> = case["adapters"]
+    let adapters = case["adapters"]
         .as_array()
         .unwrap()
         .iter()
         .zip(case["weights"].as_array().unwrap())
         .map(|(a, w)| (dir.join(a.as_str().unwrap()), w.as_f64().unwrap()))
         .collect();
+    (case, adapters)
+}
+
+fn run_case(name: &str, out: &std::path::Path) -> (weightsmith::MergeReport, Value) {
+    let (case, adapters) = load_case(name);
     let mut options = MergeOptions::new(adapters, out);
     options.dtype = Some(if case["dtype"] == "float16" {
         Dtype::F16
@@ -174,16 +180,7 @@ fn the_gpu_merge_equals_the_cpu_merge_bit_for_bit() {
     }
     let tmp = tempfile::tempdir().unwrap();
     for name in CASES {
-        let dir = fixture(&format!("adapters/{name}"));
-        let case: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        let adapters: Vec<(PathBuf, f64)> = case["adapters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(case["weights"].as_array().unwrap())
-            .map(|(a, w)| (dir.join(a.as_str().unwrap()), w.as_f64().unwrap()))
-            .collect();
+        let (case, adapters) = load_case(name);
         let mut outputs = Vec::new();
         for device in [
             weightsmith::MergeDevice::Cpu,

@@ -383,59 +383,33 @@ mod tests {
         // W = 0 (2×3), A = [[1,2,3]], B = [[1],[2]], s = 0.5 → ΔW = 0.5·[[1,2,3],[2,4,6]].
         let a = [1.0, 2.0, 3.0];
         let b = [1.0, 2.0];
-        let p = LoraProduct::new(
-            2,
-            3,
-            false,
-            &[LoraTerm {
+        // W = 0 (2×3) with one rank-1 term, merged as stored plain or transposed.
+        let merged = |transposed: bool| {
+            let term = LoraTerm {
                 a: &a,
                 b: &b,
                 rank: 1,
                 scale: 0.5,
-            }],
-        )
-        .unwrap();
-        let base = bf16_bytes(&[0.0; 6]);
-        let mut out = vec![0u8; 12];
-        merge_rows(
-            &base,
-            Dtype::BF16,
-            3,
-            Some(&p),
-            None,
-            0,
-            Dtype::BF16,
-            &mut out,
-        )
-        .unwrap();
-        let got = bf16_values(&out);
-        assert_eq!(got, [0.5, 1.0, 1.5, 1.0, 2.0, 3.0]);
+            };
+            let p = LoraProduct::new(2, 3, transposed, &[term]).unwrap();
+            let cols = if transposed { 2 } else { 3 };
+            let mut out = vec![0u8; 12];
+            merge_rows(
+                &bf16_bytes(&[0.0; 6]),
+                Dtype::BF16,
+                cols,
+                Some(&p),
+                None,
+                0,
+                Dtype::BF16,
+                &mut out,
+            )
+            .unwrap();
+            bf16_values(&out)
+        };
+        assert_eq!(merged(false), [0.5, 1.0, 1.5, 1.0, 2.0, 3.0]);
         // Transposed storage gives the transpose.
-        let p = LoraProduct::new(
-            2,
-            3,
-            true,
-            &[LoraTerm {
-                a: &a,
-                b: &b,
-                rank: 1,
-                scale: 0.5,
-            }],
-        )
-        .unwrap();
-        merge_rows(
-            &base,
-            Dtype::BF16,
-            2,
-            Some(&p),
-            None,
-            0,
-            Dtype::BF16,
-            &mut out,
-        )
-        .unwrap();
-        let got = bf16_values(&out);
-        assert_eq!(got, [0.5, 1.0, 1.0, 2.0, 1.5, 3.0]);
+        assert_eq!(merged(true), [0.5, 1.0, 1.0, 2.0, 1.5, 3.0]);
     }
 
     #[test]
