@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
+pub mod hub_server;
+
 /// The repository root (WEIGHTSMITH_REPO overrides it, for test executables carried to
 /// another machine by scripts/gpu-check.sh).
 pub fn repo_root() -> PathBuf {
@@ -55,17 +57,25 @@ pub fn weightsmith_bin() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
     let bin = profile_dir.join("weightsmith");
-    if !bin.exists() {
+    // Built (or found fresh) once per test process, so a stale binary is never tested.
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo_root())
-            .args(["build", "-p", "weightsmith", "--bin", "weightsmith"]);
+        cmd.current_dir(repo_root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "weightsmith",
+            "--bin",
+            "weightsmith",
+        ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building the weightsmith binary failed");
-    }
+    });
     bin
 }
 

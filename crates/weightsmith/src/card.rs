@@ -1,65 +1,56 @@
-//! The README model card written beside a merged checkpoint.
+//! The README model card written beside a merged checkpoint (rendered by `hub-publish`, so a
+//! merged folder and a published one carry the same card).
 
-use std::fmt::Write as _;
+use std::path::Path;
 
+use hub_publish::card::looks_like_repo_id;
+use hub_publish::{BaseFacts, CardAdapter, ModelCard};
 use st_io::Dtype;
 
 use crate::merge::AdapterSummary;
 
-/// What the card says.
-pub struct CardFacts<'a> {
-    pub base_model: String,
-    pub adapters: &'a [AdapterSummary],
-    pub dtype: Dtype,
-    pub license: Option<String>,
-}
-
-/// A Hugging Face model card: YAML front matter (base_model, relation, library, tags) and a
-/// body saying how the model was made and how to load it.
-pub fn model_card(f: &CardFacts) -> String {
-    let mut s = String::from("---\n");
-    let _ = writeln!(s, "base_model: {}", yaml_string(&f.base_model));
-    let _ = writeln!(s, "base_model_relation: merge");
-    let _ = writeln!(s, "library_name: transformers");
-    if let Some(l) = &f.license {
-        let _ = writeln!(s, "license: {}", yaml_string(l));
+/// The card of a merge: base model (when it is a Hub id: a local path is not valid metadata),
+/// license and pipeline tag from the base's own card and config, the adapters, the dtype.
+pub fn merge_card(
+    base_folder: &Path,
+    adapter_base_model: Option<&str>,
+    adapters: &[AdapterSummary],
+    dtype: Dtype,
+) -> String {
+    let facts = BaseFacts::from_folder(base_folder);
+    let base_model = adapter_base_model
+        .filter(|b| looks_like_repo_id(b))
+        .map(str::to_string)
+        .or(facts.base_model);
+    ModelCard {
+        base_model_relation: base_model.as_ref().map(|_| "merge".to_string()),
+        base_model,
+        license: facts.license,
+        pipeline_tag: facts.pipeline_tag,
+        tags: vec!["merge".into(), "lora".into(), "weightsmith".into()],
+        repo_id: None,
+        adapters: adapters
+            .iter()
+            .map(|a| CardAdapter {
+                path: a.path.clone(),
+                weight: a.weight,
+                r: a.r,
+                lora_alpha: a.lora_alpha,
+                use_rslora: a.use_rslora,
+                use_dora: a.use_dora,
+                modules: a.modules,
+            })
+            .collect(),
+        dtype: Some(
+            if dtype == Dtype::F16 {
+                "float16"
+            } else {
+                "bfloat16"
+            }
+            .into(),
+        ),
+        architecture: facts.architecture,
+        tool: format!("weightsmith {}", env!("CARGO_PKG_VERSION")),
     }
-    s.push_str("tags:\n- merge\n- lora\n- weightsmith\n---\n\n");
-    let _ = writeln!(s, "# Merged model\n");
-    let _ = writeln!(
-        s,
-        "This checkpoint is `{}` with {} LoRA adapter(s) merged into its weights by weightsmith {}, saved in {}. It loads with plain transformers; PEFT is not needed.\n",
-        f.base_model,
-        f.adapters.len(),
-        env!("CARGO_PKG_VERSION"),
-        if f.dtype == Dtype::F16 { "float16" } else { "bfloat16" }
-    );
-    s.push_str("| adapter | weight | r | alpha | scaling | DoRA | modules |\n|---|---|---|---|---|---|---|\n");
-    for a in f.adapters {
-        let scaling = if a.use_rslora {
-            "alpha/√r (rsLoRA)"
-        } else {
-            "alpha/r"
-        };
-        let _ = writeln!(
-            s,
-            "| `{}` | {} | {} | {} | {} | {} | {} |",
-            a.path,
-            a.weight,
-            a.r,
-            a.lora_alpha,
-            scaling,
-            if a.use_dora { "yes" } else { "no" },
-            a.modules
-        );
-    }
-    s.push_str(
-        "\nEach weight is `W + Σ weight·scaling·B·A`, accumulated in float32 and rounded once.\n\n",
-    );
-    s.push_str("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH_OR_REPO\")\n```\n");
-    s
-}
-
-fn yaml_string(v: &str) -> String {
-    serde_json::Value::String(v.to_string()).to_string()
+    .render()
 }

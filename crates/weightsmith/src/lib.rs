@@ -5,20 +5,21 @@
 //! serialisable report, so a program gets exactly what the CLI prints. The CLI
 //! (`--features cli`, on by default) adds argument parsing and printing only.
 //!
-//! Available now: [`inspect()`], [`plan_checkpoint`], [`load()`] and [`merge()`] (CPU).
-//! Publish lands with its issue.
+//! The verbs: [`inspect()`], [`plan_checkpoint`], [`load()`], [`merge()`] and [`publish()`].
 
 mod card;
 pub mod inspect;
 pub mod load;
 pub mod merge;
 pub mod plan;
+pub mod publish;
 
 pub use inspect::{inspect, InspectOptions, InspectReport};
 pub use load::{load, LoadOptions, LoadReport, LoadedModel};
 pub use merge::{merge, MergeDevice, MergeOptions, MergeReport};
 pub use plan::{plan_checkpoint, PlanOptions, PlanReport};
-pub use {gpu_mem, lora_kernels, planner, st_io};
+pub use publish::{publish, PublishOptions, PublishSummary};
+pub use {gpu_mem, hub_publish, lora_kernels, planner, st_io};
 
 /// The errors of the façade: one variant per crate it wraps.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum Error {
     Kernel(#[from] lora_kernels::Error),
     #[error(transparent)]
     Gpu(#[from] gpu_mem::Error),
+    #[error(transparent)]
+    Publish(#[from] hub_publish::Error),
     /// A failure while loading, with what was being loaded where. Everything allocated so far
     /// has been freed.
     #[error("loading {unit} onto {device}: {message}")]

@@ -15,7 +15,7 @@ use st_io::{
     Checkpoint, Dtype, LoraAdapter, LoraKind, ShardWriter, TensorInfo, TensorSpec, WriterOptions,
 };
 
-use crate::card::{model_card, CardFacts};
+use crate::card::merge_card;
 use crate::{Error, Result};
 
 /// The version of the JSON document [`MergeReport`] serialises to.
@@ -44,6 +44,9 @@ pub struct MergeOptions {
     pub verify: bool,
     /// Replace an existing output folder.
     pub force: bool,
+    /// The base's Hub id for the model card's `base_model` (default: the adapter's
+    /// `base_model_name_or_path` when that is a Hub id, else the base's own card).
+    pub base_model: Option<String>,
 }
 
 impl MergeOptions {
@@ -56,6 +59,7 @@ impl MergeOptions {
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             verify: false,
             force: false,
+            base_model: None,
         }
     }
 }
@@ -254,15 +258,12 @@ pub fn merge(
             replaced_tensors: a.replacements.keys().cloned().collect(),
         })
         .collect();
-    let card = model_card(&CardFacts {
-        base_model: adapters
+    let adapter_base = options.base_model.clone().or_else(|| {
+        adapters
             .iter()
             .find_map(|(a, _)| a.config.base_model_name_or_path.clone())
-            .unwrap_or_else(|| base_path.display().to_string()),
-        adapters: &summaries,
-        dtype: out_dtype,
-        license: None,
     });
+    let card = merge_card(&root, adapter_base.as_deref(), &summaries, out_dtype);
     writer.add_file("README.md", card.as_bytes())?;
     let summary = writer.finish()?;
 

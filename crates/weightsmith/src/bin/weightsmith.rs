@@ -35,6 +35,63 @@ enum Command {
     Merge(Box<MergeArgs>),
     /// Load a checkpoint onto this machine's GPUs (or host memory without one), per the plan.
     Load(Box<LoadArgs>),
+    /// Publish a checkpoint folder to a Hugging Face Hub repository (one commit; a re-run
+    /// uploads only what changed).
+    Publish(Box<PublishArgs>),
+}
+
+#[derive(clap::Args)]
+struct HubArgs {
+    /// Create the repository as private (when it does not exist yet).
+    #[arg(long)]
+    private: bool,
+    /// Branch to commit to (created from main when missing).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Commit summary.
+    #[arg(long)]
+    commit_message: Option<String>,
+    /// Commit description.
+    #[arg(long)]
+    commit_description: Option<String>,
+    /// Open a pull request instead of committing to the branch.
+    #[arg(long)]
+    create_pr: bool,
+    /// Hugging Face token (default: HF_TOKEN, then the token file). Never printed.
+    #[arg(long)]
+    token: Option<String>,
+    /// Hub endpoint (default: HF_ENDPOINT, then https://huggingface.co).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Tries per request on transient failures (connection errors, 429, 5xx).
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// The checkpoint folder (config.json, safetensors weights, tokenizer, README.md).
+    dir: PathBuf,
+    /// The repository: owner/name.
+    #[arg(long)]
+    repo: String,
+    #[command(flatten)]
+    hub: HubArgs,
+    /// Check, hash and show what would be uploaded and the card; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Write a new model card even if the folder has a README.md (the folder is not changed).
+    #[arg(long)]
+    card: bool,
+    /// base_model for a generated card (a Hub id).
+    #[arg(long)]
+    base_model: Option<String>,
+    /// license for a generated card.
+    #[arg(long)]
+    license: Option<String>,
+    /// Print the result as one JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -78,6 +135,14 @@ struct MergeArgs {
     /// Print the merge report as one JSON document.
     #[arg(long)]
     json: bool,
+    /// The base's Hub id for the model card (base_model), when the base is a local folder.
+    #[arg(long)]
+    base_model: Option<String>,
+    /// After the merge, publish the output folder to this Hub repository (owner/name).
+    #[arg(long)]
+    push_to: Option<String>,
+    #[command(flatten)]
+    hub: HubArgs,
 }
 
 #[derive(clap::Args)]
@@ -149,6 +214,18 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Merge(args) => {
             let options = merge_options(&args)?;
+            // Check the repository id and the token before hours of merging, not after.
+            let push = match &args.push_to {
+                Some(repo) => {
+                    weightsmith::hub_publish::validate_repo_id(repo)?;
+                    let opts = publish_options(repo, &args.hub)?;
+                    if opts.hub.token.is_none() {
+                        return Err(weightsmith::hub_publish::Error::NoToken.into());
+                    }
+                    Some(opts)
+                }
+                None => None,
+            };
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -167,10 +244,44 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             });
             bar.finish_and_clear();
             let report = report?;
-            if args.json {
+            if args.json && push.is_none() {
                 println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
+            } else if !args.json {
                 print!("{}", merge_text(&report));
+            }
+            if let Some(mut opts) = push {
+                if opts.hub.commit_message.is_none() {
+                    opts.hub.commit_message = Some(format!(
+                        "Merge {} LoRA adapter(s) into the base with weightsmith {}",
+                        report.adapters.len(),
+                        env!("CARGO_PKG_VERSION")
+                    ));
+                }
+                let summary = run_publish(&args.out, &opts, args.json)?;
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "merge": report,
+                            "publish": summary,
+                        }))?
+                    );
+                }
+            }
+        }
+        Command::Publish(args) => {
+            let mut opts = publish_options(&args.repo, &args.hub)?;
+            opts.dry_run = args.dry_run;
+            if args.card {
+                opts.card = weightsmith::publish::CardPolicy::Generate;
+            }
+            opts.card_overrides = weightsmith::publish::CardOverrides {
+                base_model: args.base_model.clone(),
+                license: args.license.clone(),
+            };
+            let summary = run_publish(&args.dir, &opts, args.json)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
             }
         }
         Command::Load(args) => {
@@ -219,6 +330,75 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+fn publish_options(
+    repo: &str,
+    hub: &HubArgs,
+) -> Result<weightsmith::PublishOptions, Box<dyn std::error::Error>> {
+    let mut opts =
+        weightsmith::PublishOptions::new(repo, hub.token.as_deref(), hub.endpoint.as_deref());
+    if hub.retries == 0 {
+        return Err(usage("--retries must be at least 1".into()));
+    }
+    opts.hub.private = hub.private;
+    opts.hub.revision = hub.revision.clone();
+    opts.hub.commit_message = hub.commit_message.clone();
+    opts.hub.commit_description = hub.commit_description.clone();
+    opts.hub.create_pr = hub.create_pr;
+    opts.hub.retry.max_attempts = hub.retries;
+    if let Ok(ms) = std::env::var("WEIGHTSMITH_RETRY_BASE_MS") {
+        // For tests that exercise retries without waiting seconds.
+        if let Ok(ms) = ms.parse() {
+            opts.hub.retry.base_delay = std::time::Duration::from_millis(ms);
+        }
+    }
+    Ok(opts)
+}
+
+/// Publishes with a progress bar (hashing, then uploading) and prints the text summary
+/// unless `json`.
+fn run_publish(
+    dir: &std::path::Path,
+    opts: &weightsmith::PublishOptions,
+    json: bool,
+) -> Result<weightsmith::PublishSummary, Box<dyn std::error::Error>> {
+    use weightsmith::publish::PublishEvent;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let summary = weightsmith::publish(dir, opts, &|e| match e {
+        PublishEvent::Hashing {
+            done_bytes,
+            total_bytes,
+        } => {
+            bar.set_message("hashing");
+            bar.set_length(total_bytes);
+            bar.set_position(done_bytes);
+        }
+        PublishEvent::Connecting { endpoint } => {
+            bar.set_message(format!("connecting to {endpoint}"));
+        }
+        PublishEvent::Uploading {
+            sent_bytes,
+            total_bytes,
+        } => {
+            bar.set_message("uploading");
+            bar.set_length(total_bytes);
+            bar.set_position(sent_bytes);
+        }
+        PublishEvent::Committing => bar.set_message("committing"),
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    if !json {
+        print!("{}", summary.to_text());
+    }
+    Ok(summary)
+}
+
 fn merge_options(
     args: &MergeArgs,
 ) -> Result<weightsmith::MergeOptions, Box<dyn std::error::Error>> {
@@ -240,6 +420,14 @@ fn merge_options(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut options = weightsmith::MergeOptions::new(adapters, &args.out);
+    if let Some(b) = &args.base_model {
+        weightsmith::hub_publish::validate_repo_id(b).map_err(|_| {
+            usage(format!(
+                "--base-model must be a Hub id (owner/name), not \"{b}\""
+            ))
+        })?;
+        options.base_model = Some(b.clone());
+    }
     options.dtype = match args.dtype.as_deref() {
         None => None,
         Some("bf16" | "bfloat16") => Some(weightsmith::st_io::Dtype::BF16),
