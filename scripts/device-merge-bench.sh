@@ -3,6 +3,8 @@
 # and an r=16 all-linear adapter; our CPU merge (warm and cold page cache) against PEFT's
 # workflow (load, merge_and_unload, save_pretrained) on CPU and on the GPU; the disk floor;
 # and a tensor-by-tensor and logits comparison of our output with PEFT's.
+# QUICK=1: only the warm runs (ours CPU, ours CUDA twice with WEIGHTSMITH_TRACE, PEFT on the
+# GPU) and the disk floor; no cold runs, no PEFT on CPU, no logits comparison.
 # Needs .bin/weightsmith (a release build from the build machine), carried.
 #   cargo build --release -p weightsmith && mkdir -p .bin && cp target/release/weightsmith .bin/
 #   device run (carry .bin):  bash scripts/device-merge-bench.sh
@@ -26,7 +28,13 @@ rm -f "$W/ddw"
 cat "$W"/base/*.safetensors > /dev/null
 python3 scripts/measure.py ours-cpu-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu
 cat "$W"/base/*.safetensors > /dev/null
-python3 scripts/measure.py ours-cuda-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours-cuda" --device cuda:0
+WEIGHTSMITH_TRACE=1 python3 scripts/measure.py ours-cuda-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours-cuda" --device cuda:0
+if [ "${QUICK:-0}" = 1 ]; then
+  cat "$W"/base/*.safetensors > /dev/null
+  python3 scripts/measure.py ours-cpu-warm-2 -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu --force
+  cat "$W"/base/*.safetensors > /dev/null
+  WEIGHTSMITH_TRACE=1 python3 scripts/measure.py ours-cuda-warm-2 -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours-cuda" --device cuda:0 --force
+fi
 python3 -c "
 import hashlib, os, sys
 def digest(d):
@@ -35,6 +43,13 @@ a, b = digest(sys.argv[1]), digest(sys.argv[2])
 print('cpu and cuda outputs identical:', a == b)
 " "$W/ours" "$W/ours-cuda"
 rm -rf "$W/ours-cuda"
+if [ "${QUICK:-0}" = 1 ]; then
+  cat "$W"/base/*.safetensors > /dev/null
+  python3 scripts/measure.py peft-cuda -- python3 scripts/peft_merge.py "$W/base" "$W/adapter" "$W/peft" cuda
+  rm -rf "$W"
+  echo "device-merge-bench (quick): done"
+  exit 0
+fi
 cold
 python3 scripts/measure.py ours-cpu-cold -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu --force
 # PEFT, warm, on CPU and on the GPU.

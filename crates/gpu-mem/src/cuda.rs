@@ -218,6 +218,39 @@ impl DeviceAlloc {
         })
     }
 
+    /// Enqueues a copy of device memory at `offset` into `dst` on `stream`.
+    ///
+    /// # Safety
+    /// `dst` must stay valid, and must be neither read nor written by the host, until `stream`
+    /// is synchronised (pinned memory for a truly asynchronous copy).
+    pub unsafe fn copy_to_host_async(
+        &self,
+        offset: usize,
+        dst: &mut [u8],
+        stream: &Stream,
+    ) -> Result<(), Error> {
+        if offset + dst.len() > self.len {
+            return Err(Error::OutOfBounds {
+                offset,
+                len: dst.len(),
+                size: self.len,
+            });
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: bounds checked above; the caller keeps `dst` alive and untouched until
+        // the stream is synchronised.
+        check("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                dst.as_mut_ptr() as *mut c_void,
+                self.ptr + offset as u64,
+                dst.len(),
+                stream.raw,
+            )
+        })
+    }
+
     /// Copies device memory back to the host (synchronous).
     pub fn copy_to_host(&self, offset: usize, dst: &mut [u8]) -> Result<(), Error> {
         if offset + dst.len() > self.len {

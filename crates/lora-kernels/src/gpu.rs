@@ -3,9 +3,10 @@
 //! same bits (a device test checks it). A [`GpuMerger`] holds the device's context, the loaded
 //! module and a stream; [`GpuTensor`] holds one tensor's LoRA factors on the device.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use gpu_mem::cuda::{Context, DeviceAlloc, KernelArg, Module, Stream};
+use gpu_mem::cuda::{Context, DeviceAlloc, KernelArg, Module, PinnedBuffer, Stream};
+use rayon::prelude::*;
 use st_io::Dtype;
 
 use crate::cpu::{stats_of, DoraScale, LoraProduct, MergeStats};
@@ -20,11 +21,90 @@ fn gpu(e: gpu_mem::Error) -> Error {
     }
 }
 
-/// The merge kernel loaded on one device.
+/// The merge kernel loaded on one device, with scratch buffers reused from block to block:
+/// device memory for a block's base and output, and pinned host staging for both, so the
+/// copies run at PCIe speed (pageable copies go through the driver's bounce buffers at a
+/// fraction of it) and nothing is allocated per block.
 pub struct GpuMerger {
     ctx: Arc<Context>,
     module: Module,
     stream: Stream,
+    scratch: Mutex<Scratch>,
+    /// WEIGHTSMITH_TRACE: stages timed apart (a synchronisation after each), summed, and
+    /// printed when the merger is dropped.
+    trace: Option<Mutex<Trace>>,
+}
+
+#[derive(Default)]
+struct Trace {
+    blocks: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    stage_in: f64,
+    h2d: f64,
+    kernel: f64,
+    d2h: f64,
+    stage_out: f64,
+}
+
+impl Drop for GpuMerger {
+    fn drop(&mut self) {
+        if let Some(t) = self.trace.as_ref().and_then(|t| t.lock().ok()) {
+            let gbs = |b: u64, s: f64| b as f64 / s.max(1e-9) / 1e9;
+            eprintln!(
+                "gpu merge trace: {} blocks, {:.2} GB in, {:.2} GB out; staging in {:.2} s ({:.1} GB/s), H2D {:.2} s ({:.1} GB/s), kernel {:.2} s ({:.1} GB/s of base+out), D2H {:.2} s ({:.1} GB/s), staging out + stats {:.2} s",
+                t.blocks,
+                t.bytes_in as f64 / 1e9,
+                t.bytes_out as f64 / 1e9,
+                t.stage_in,
+                gbs(t.bytes_in, t.stage_in),
+                t.h2d,
+                gbs(t.bytes_in, t.h2d),
+                t.kernel,
+                gbs(t.bytes_in + t.bytes_out, t.kernel),
+                t.d2h,
+                gbs(t.bytes_out, t.d2h),
+                t.stage_out,
+            );
+        }
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    d_base: Option<DeviceAlloc>,
+    d_out: Option<DeviceAlloc>,
+    pin_in: Option<PinnedBuffer>,
+    pin_out: Option<PinnedBuffer>,
+}
+
+/// At least 64 MiB, else the next power of two: a few sizes cover a whole model.
+fn scratch_len(n: usize) -> usize {
+    n.max(64 << 20).next_power_of_two()
+}
+
+fn ensure_device(ctx: &Arc<Context>, slot: &mut Option<DeviceAlloc>, n: usize) -> Result<()> {
+    if slot.as_ref().is_none_or(|a| a.len() < n) {
+        *slot = None;
+        *slot = Some(DeviceAlloc::new(ctx, scratch_len(n)).map_err(gpu)?);
+    }
+    Ok(())
+}
+
+fn ensure_pinned(ctx: &Arc<Context>, slot: &mut Option<PinnedBuffer>, n: usize) -> Result<()> {
+    if slot.as_ref().is_none_or(|a| a.as_slice().len() < n) {
+        *slot = None;
+        *slot = Some(PinnedBuffer::new(ctx, scratch_len(n)).map_err(gpu)?);
+    }
+    Ok(())
+}
+
+/// `dst.copy_from_slice(src)` on all cores (one core's memcpy is well below PCIe speed).
+fn parallel_copy(dst: &mut [u8], src: &[u8]) {
+    const CHUNK: usize = 2 << 20;
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 impl GpuMerger {
@@ -36,6 +116,8 @@ impl GpuMerger {
             ctx,
             module,
             stream,
+            scratch: Mutex::new(Scratch::default()),
+            trace: std::env::var_os("WEIGHTSMITH_TRACE").map(|_| Mutex::new(Trace::default())),
         })
     }
 
@@ -95,8 +177,35 @@ impl GpuMerger {
         }
         let rows = out.len() / (cols * 2);
         let src = &base[first_row * cols * size..(first_row + rows) * cols * size];
-        let d_base = DeviceAlloc::new(&self.ctx, src.len()).map_err(gpu)?;
-        let d_out = DeviceAlloc::new(&self.ctx, out.len()).map_err(gpu)?;
+        let mut guard = self.scratch.lock().map_err(|_| Error::Gpu {
+            message: "the GPU merger's scratch lock was poisoned".into(),
+        })?;
+        let sc = &mut *guard;
+        ensure_device(&self.ctx, &mut sc.d_base, src.len())?;
+        ensure_device(&self.ctx, &mut sc.d_out, out.len())?;
+        ensure_pinned(&self.ctx, &mut sc.pin_in, src.len())?;
+        ensure_pinned(&self.ctx, &mut sc.pin_out, out.len())?;
+        let (Some(d_base), Some(d_out), Some(pin_in), Some(pin_out)) = (
+            sc.d_base.as_ref(),
+            sc.d_out.as_ref(),
+            sc.pin_in.as_mut(),
+            sc.pin_out.as_mut(),
+        ) else {
+            unreachable!("scratch buffers were just ensured");
+        };
+        let tracing = self.trace.is_some();
+        let mut clock = std::time::Instant::now();
+        let mut lap = |sync: bool| -> Result<f64> {
+            if tracing && sync {
+                self.stream.synchronize().map_err(gpu)?;
+            }
+            let e = clock.elapsed().as_secs_f64();
+            clock = std::time::Instant::now();
+            Ok(e)
+        };
+        let staged_in = &mut pin_in.as_mut_slice()[..src.len()];
+        parallel_copy(staged_in, src);
+        let t_stage_in = lap(false)?;
         let ptr =
             |a: &Option<DeviceAlloc>| KernelArg::Ptr(a.as_ref().map_or(0, |a| a.device_ptr()));
         let args = [
@@ -118,21 +227,44 @@ impl GpuMerger {
             (rows as u32).clamp(1, 65535),
             1,
         );
-        // SAFETY: `src` outlives the synchronisation below; the arguments match
-        // `lora_merge`'s parameters (kernels/merge.cu) and every buffer has the size the
-        // kernel indexes: base and out `rows × cols`, left `stored_rows × rank`, right
-        // `rank × cols`, factors one per row or column.
+        let staged_out = &mut pin_out.as_mut_slice()[..out.len()];
+        // SAFETY: the pinned buffers are neither read nor written by the host until the
+        // synchronisation below; the arguments match `lora_merge`'s parameters
+        // (kernels/merge.cu) and every buffer has at least the size the kernel indexes: base
+        // and out `rows × cols`, left `stored_rows × rank`, right `rank × cols`, factors one
+        // per row or column.
+        let (t_h2d, t_kernel);
         unsafe {
             d_base
-                .copy_from_host_async(0, src, &self.stream)
+                .copy_from_host_async(0, staged_in, &self.stream)
                 .map_err(gpu)?;
+            t_h2d = lap(true)?;
             self.module
                 .launch("lora_merge", grid, (256, 1, 1), &self.stream, &args)
                 .map_err(gpu)?;
+            t_kernel = lap(true)?;
+            d_out
+                .copy_to_host_async(0, staged_out, &self.stream)
+                .map_err(gpu)?;
         }
         self.stream.synchronize().map_err(gpu)?;
-        d_out.copy_to_host(0, out).map_err(gpu)?;
-        stats_of(src, base_dtype, out, out_dtype, cols)
+        let t_d2h = lap(false)?;
+        parallel_copy(out, staged_out);
+        let stats = stats_of(staged_in, base_dtype, staged_out, out_dtype, cols);
+        let t_stage_out = lap(false)?;
+        if let Some(t) = &self.trace {
+            if let Ok(mut t) = t.lock() {
+                t.blocks += 1;
+                t.bytes_in += src.len() as u64;
+                t.bytes_out += out.len() as u64;
+                t.stage_in += t_stage_in;
+                t.h2d += t_h2d;
+                t.kernel += t_kernel;
+                t.d2h += t_d2h;
+                t.stage_out += t_stage_out;
+            }
+        }
+        stats
     }
 }
 
