@@ -8,16 +8,9 @@
 // or per stored column when the weight is stored transposed), 1 without DoRA. W is BF16, F16
 // or F32; the output BF16 (round to nearest even, NaN made quiet) or F16 (cvt.rn).
 //
-// Launch: block (256), grid (ceil(cols / 256), min(ceil(rows / WS_ROWS_PER_THREAD), 65535)):
-// each thread keeps its column of `right` in registers (rank <= WS_MAX_RANK) and walks
-// WS_ROWS_PER_THREAD rows, then strides by gridDim.y tiles; so `right` is read once per tile,
-// not once per element, and the kernel runs at the speed of reading W and writing out. Larger
-// ranks read `right` from memory per element (same arithmetic). `base` and `out` hold the block
-// of `rows` rows starting at stored row `first_row`; `left` is indexed by the stored row within
-// the whole tensor.
-
-#define WS_MAX_RANK 64
-#define WS_ROWS_PER_THREAD 32
+// Launch: block (256), grid (ceil(cols / 256), min(rows, 65535)); rows are strided by
+// gridDim.y. `base` and `out` hold the block of `rows` rows starting at stored row
+// `first_row`; `left` is indexed by the stored row within the whole tensor.
 
 extern "C" __device__ float ws_load(const void* base, int kind, long long i) {
     if (kind == 2) {
@@ -57,45 +50,21 @@ extern "C" __global__ void lora_merge(
     if (c >= cols) {
         return;
     }
-    bool cached = left != 0 && rank <= WS_MAX_RANK;
-    float rc[WS_MAX_RANK];
-    if (cached) {
-#pragma unroll
-        for (int j = 0; j < WS_MAX_RANK; ++j) {
-            rc[j] = j < rank ? right[(long long)j * cols + c] : 0.0f;
-        }
-    }
-    float column_factor = (factors != 0 && factor_per_column) ? factors[c] : 1.0f;
-    for (long long tile = (long long)blockIdx.y * WS_ROWS_PER_THREAD; tile < rows;
-         tile += (long long)gridDim.y * WS_ROWS_PER_THREAD) {
-        long long end = tile + WS_ROWS_PER_THREAD < rows ? tile + WS_ROWS_PER_THREAD : rows;
-        for (long long r = tile; r < end; ++r) {
-            long long i = r * cols + c;
-            long long row = first_row + r;
-            float acc = ws_load(base, base_kind, i);
-            if (cached) {
-                const float* lr = left + row * rank;
-#pragma unroll
-                for (int j = 0; j < WS_MAX_RANK; ++j) {
-                    if (j < rank) {
-                        float l = lr[j];
-                        if (l != 0.0f) {
-                            acc = __fadd_rn(acc, __fmul_rn(l, rc[j]));
-                        }
-                    }
-                }
-            } else if (left != 0) {
-                for (int j = 0; j < rank; ++j) {
-                    float l = left[row * rank + j];
-                    if (l != 0.0f) {
-                        acc = __fadd_rn(acc, __fmul_rn(l, right[(long long)j * cols + c]));
-                    }
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+        long long i = r * cols + c;
+        long long row = first_row + r;
+        float acc = ws_load(base, base_kind, i);
+        if (left != 0) {
+            for (int j = 0; j < rank; ++j) {
+                float l = left[row * rank + j];
+                if (l != 0.0f) {
+                    acc = __fadd_rn(acc, __fmul_rn(l, right[(long long)j * cols + c]));
                 }
             }
-            if (factors != 0) {
-                acc = __fmul_rn(acc, factor_per_column ? column_factor : factors[row]);
-            }
-            out[i] = ws_round16(acc, out_kind);
         }
+        if (factors != 0) {
+            acc = __fmul_rn(acc, factor_per_column ? factors[c] : factors[row]);
+        }
+        out[i] = ws_round16(acc, out_kind);
     }
 }

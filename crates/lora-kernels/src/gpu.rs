@@ -222,10 +222,9 @@ impl GpuMerger {
             KernelArg::I64(cols as i64),
             KernelArg::I64(first_row as i64),
         ];
-        // WS_ROWS_PER_THREAD rows per thread (kernels/merge.cu).
         let grid = (
             (cols as u32).div_ceil(256),
-            (rows as u32).div_ceil(32).clamp(1, 65535),
+            (rows as u32).clamp(1, 65535),
             1,
         );
         let staged_out = &mut pin_out.as_mut_slice()[..out.len()];
