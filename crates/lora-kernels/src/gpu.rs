@@ -222,8 +222,16 @@ impl GpuMerger {
             KernelArg::I64(cols as i64),
             KernelArg::I64(first_row as i64),
         ];
+        // Eight columns per thread with 16-byte accesses where the layout allows
+        // (kernels/merge.cu: lora_merge_v8), else one.
+        let vector = size == 2 && cols % 8 == 0;
+        let (kernel, per_thread) = if vector {
+            ("lora_merge_v8", 8)
+        } else {
+            ("lora_merge", 1)
+        };
         let grid = (
-            (cols as u32).div_ceil(256),
+            (cols.div_ceil(per_thread) as u32).div_ceil(256),
             (rows as u32).clamp(1, 65535),
             1,
         );
@@ -240,7 +248,7 @@ impl GpuMerger {
                 .map_err(gpu)?;
             t_h2d = lap(true)?;
             self.module
-                .launch("lora_merge", grid, (256, 1, 1), &self.stream, &args)
+                .launch(kernel, grid, (256, 1, 1), &self.stream, &args)
                 .map_err(gpu)?;
             t_kernel = lap(true)?;
             d_out
