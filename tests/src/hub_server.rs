@@ -254,13 +254,6 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>
         req.body.resize(n, 0);
         r.read_exact(&mut req.body)?;
     }
-    if req
-        .header("Expect")
-        .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
-    {
-        // Bodies are read above only after this would have been sent; clients that wait
-        // for it time out and send anyway. None of the tested clients sends Expect.
-    }
     Ok(Some(req))
 }
 

@@ -133,6 +133,7 @@ pub fn prepare(
 
     check_checkpoint(folder, &rels)?;
     let mut warnings = Vec::new();
+    let mut sizes = std::collections::HashMap::new();
     for r in &rels {
         let size = std::fs::metadata(folder.join(r))
             .map_err(|e| Error::io(folder.join(r), e))?
@@ -144,6 +145,7 @@ pub fn prepare(
                 limit: HUB_MAX_FILE_BYTES,
             });
         }
+        sizes.insert(r.as_str(), size);
     }
 
     // The card.

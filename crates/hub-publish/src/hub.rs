@@ -327,7 +327,7 @@ struct RemoteLfs {
 
 impl RemoteEntry {
     fn same_as(&self, f: &UploadFile) -> bool {
-        if self.kind != "file" || self.size.is_some_and(|s| s != f.size) && self.lfs.is_none() {
+        if self.kind != "file" || self.size.is_some_and(|s| s != f.size) {
             return false;
         }
         match &self.lfs {
@@ -582,14 +582,7 @@ impl Hub {
     }
 
     fn transport_error(&self, e: reqwest::Error, url: &str, attempts: u32) -> Error {
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
-        let message = self.token.redact(&message);
+        let message = self.token.redact(&error_chain(&e));
         if e.is_connect() {
             Error::Connect {
                 endpoint: self.endpoint.clone(),
@@ -930,6 +923,18 @@ impl Hub {
     }
 }
 
+/// An error and its sources, `: `-separated (reqwest's own message hides the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        src = s.source();
+    }
+    message
+}
+
 fn commit_message(opts: &PublishOptions) -> String {
     opts.commit_message.clone().unwrap_or_else(|| {
         format!(
@@ -1076,13 +1081,7 @@ fn map_hf(e: HFError, endpoint: &str, repo_id: &str, token: &Token, retry: Retry
             attempts,
         ),
         HFError::Request { source, url } => {
-            let mut message = source.to_string();
-            let mut src = std::error::Error::source(source);
-            while let Some(s) = src {
-                message.push_str(": ");
-                message.push_str(&s.to_string());
-                src = s.source();
-            }
+            let message = error_chain(source);
             if source.is_connect() {
                 Error::Connect {
                     endpoint: endpoint.to_string(),
