@@ -11,6 +11,7 @@
 //! It deliberately does not read files or choose devices.
 
 pub mod cpu;
+pub mod dequant;
 pub mod gpu;
 pub mod reference;
 
@@ -28,6 +29,8 @@ pub enum Error {
     Dtype { dtype: Dtype },
     #[error("GPU merge: {message}")]
     Gpu { message: String },
+    #[error("\"{tensor}\" {message}")]
+    Quantized { tensor: String, message: String },
     #[error("the merge produced a non-finite value in row {row}: the adapter looks broken")]
     NonFinite { row: usize },
 }

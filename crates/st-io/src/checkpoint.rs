@@ -222,6 +222,11 @@ impl Checkpoint {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// The position of a tensor in [`Checkpoint::tensors`].
+    pub fn tensor_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
     /// The bytes of a tensor, straight from the map (no copy).
     pub fn tensor_bytes(&self, tensor: &TensorInfo) -> &[u8] {
         let start = tensor.offset as usize;

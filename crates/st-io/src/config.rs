@@ -24,8 +24,19 @@ pub enum QuantKind {
 pub struct QuantizationConfig {
     #[serde(flatten)]
     pub kind: QuantKind,
-    pub bits: Option<u64>,
+    /// Bits per weight: an integer for GPTQ/AWQ, possibly fractional for EXL2 (`4.65`).
+    pub bits: Option<f64>,
+    /// Input rows per group of scales; -1 means one group per column.
     pub group_size: Option<i64>,
+    /// GPTQ act-order (`desc_act`): groups are assigned through `g_idx`, not by row.
+    pub desc_act: Option<bool>,
+    /// GPTQ symmetric quantisation (every zero point at the middle of the range).
+    pub sym: Option<bool>,
+    /// GPTQ `checkpoint_format`: `gptq` (zero points stored minus one, the AutoGPTQ layout)
+    /// or `gptq_v2` (stored as they are, GPTQModel's internal layout).
+    pub checkpoint_format: Option<String>,
+    /// GPTQModel's `dynamic`: per-module overrides of bits and group size are declared.
+    pub dynamic: bool,
 }
 
 /// What weightsmith reads from `config.json`. Names follow transformers; the GPT-2 style
@@ -280,20 +291,50 @@ fn quantization(file: &Path, q: &Map<String, Value>) -> Result<QuantizationConfi
             }),
         }
     };
-    let bits = match int_field("bits")? {
-        Some(b) if b < 0 => {
+    let bits = match q.get("bits") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(b) if b > 0.0 && b <= 64.0 => Some(b),
+            _ => {
+                return Err(field_error(
+                    file,
+                    "quantization_config.bits",
+                    &format!("expected a positive number of bits, found {v}"),
+                ))
+            }
+        },
+    };
+    let bool_field = |key: &str| -> Result<Option<bool>> {
+        match q.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(field_error(
+                file,
+                &format!("quantization_config.{key}"),
+                &format!("expected true or false, found {v}"),
+            )),
+        }
+    };
+    let checkpoint_format = match q.get("checkpoint_format") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.to_ascii_lowercase()),
+        Some(v) => {
             return Err(field_error(
                 file,
-                "quantization_config.bits",
-                &format!("expected a positive integer, found {b}"),
+                "quantization_config.checkpoint_format",
+                &format!("expected a string, found {v}"),
             ))
         }
-        b => b.map(|b| b as u64),
     };
+    let dynamic = matches!(q.get("dynamic"), Some(Value::Object(m)) if !m.is_empty());
     Ok(QuantizationConfig {
         kind,
         bits,
         group_size: int_field("group_size")?,
+        desc_act: bool_field("desc_act")?,
+        sym: bool_field("sym")?,
+        checkpoint_format,
+        dynamic,
     })
 }
 
@@ -353,7 +394,19 @@ mod tests {
                 .unwrap();
         let q = c.quantization.unwrap();
         assert_eq!(q.kind, QuantKind::Gptq);
-        assert_eq!((q.bits, q.group_size), (Some(4), Some(128)));
+        assert_eq!((q.bits, q.group_size), (Some(4.0), Some(128)));
+        let c =
+            parse(r#"{"quantization_config":{"quant_method":"exl2","bits":4.65,"head_bits":6}}"#)
+                .unwrap();
+        let q = c.quantization.unwrap();
+        assert_eq!((q.kind, q.bits), (QuantKind::Exl2, Some(4.65)));
+        let c = parse(
+            r#"{"quantization_config":{"quant_method":"gptq","bits":3,"desc_act":true,"sym":false,"checkpoint_format":"gptq_v2"}}"#,
+        )
+        .unwrap();
+        let q = c.quantization.unwrap();
+        assert_eq!((q.desc_act, q.sym), (Some(true), Some(false)));
+        assert_eq!(q.checkpoint_format.as_deref(), Some("gptq_v2"));
         let c = parse(r#"{"quantization_config":{"load_in_4bit":true}}"#).unwrap();
         assert_eq!(c.quantization.unwrap().kind, QuantKind::Bitsandbytes);
         let c = parse(r#"{"quantization_config":{"quant_method":"fp8"}}"#).unwrap();
@@ -385,6 +438,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("quantization_config.bits"), "{e}");
+        let e = parse(r#"{"quantization_config":{"desc_act":"yes"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quantization_config.desc_act"), "{e}");
         let e = parse(r#"{"architectures":"Llama"}"#)
             .unwrap_err()
             .to_string();

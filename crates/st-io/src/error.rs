@@ -155,6 +155,14 @@ pub enum Error {
         message: String,
     },
 
+    // ---- quantised layers ----
+    #[error("{}: tensor \"{tensor}\" {message}", file.display())]
+    BadQuantizedTensor {
+        file: PathBuf,
+        tensor: String,
+        message: String,
+    },
+
     // ---- sizes, conversion, writing ----
     #[error("invalid size \"{input}\": {message}")]
     BadSize { input: String, message: String },

@@ -10,6 +10,8 @@
 //! - groups tensors into placement units in model order ([`layout::group`]);
 //! - writes sharded checkpoints in a single streaming pass, atomically ([`ShardWriter`]);
 //! - converts F32/F16/BF16 to F16/BF16 with one rounding ([`convert()`]);
+//! - recognises quantised linear layers (GPTQ, EXL2, AWQ) and checks their tensors against
+//!   each other and config.json ([`quant::quantized_linears`]);
 //! - reads PEFT LoRA adapters: config, patterns, LoRA/DoRA/embedding tensors ([`LoraAdapter`]).
 //!
 //! What it deliberately does not do: talk to GPUs, decide placement, merge adapters, or read
@@ -23,6 +25,7 @@ pub mod dtype;
 pub mod error;
 pub mod header;
 pub mod layout;
+pub mod quant;
 pub mod size;
 pub mod writer;
 
@@ -34,5 +37,6 @@ pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use header::{Header, HeaderTensor};
 pub use layout::{ModelLayout, PlacementUnit, UnitKind};
+pub use quant::{Exl2Group, GptqParams, QuantScheme, QuantizedLinear};
 pub use size::{format_binary, format_decimal, parse_size};
 pub use writer::{ShardWriter, TensorSpec, WriteSummary, WriterOptions};

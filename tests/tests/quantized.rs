@@ -1,0 +1,208 @@
+//! Quantised checkpoints (fixtures/quantized, made by scripts/make_quant_fixtures.py with the
+//! numpy reference packer): GPTQ and EXL2 layers recognised with their bits, dimensions and
+//! tensors; GPTQ dequantisation equal bit for bit to the reference dequantiser; malformed
+//! layers refused with the tensor named.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use st_io::{Checkpoint, QuantScheme};
+use weightsmith::lora_kernels::dequant::GptqLayer;
+use weightsmith_tests::fixture;
+
+const GPTQ: &[(&str, u32, u64, bool, u32)] = &[
+    // name, bits, group size, act-order, zero offset
+    ("tiny-llama-gptq-4bit", 4, 32, false, 1),
+    ("tiny-llama-gptq-3bit-actorder", 3, 32, true, 1),
+    ("tiny-llama-gptq-8bit", 8, 64, false, 1),
+    ("tiny-llama-gptq-2bit-v2", 2, 128, false, 0),
+];
+
+fn f32_tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
+    let c = Checkpoint::open(path).unwrap();
+    c.tensors()
+        .iter()
+        .map(|t| {
+            let bits = c
+                .tensor_bytes(t)
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (t.name.clone(), bits)
+        })
+        .collect()
+}
+
+#[test]
+fn gptq_layers_are_recognised_with_their_parameters() {
+    for &(name, bits, group, act_order, offset) in GPTQ {
+        let c = Checkpoint::open(fixture(&format!("quantized/{name}"))).unwrap();
+        let linears = st_io::quant::quantized_linears(&c).unwrap();
+        assert_eq!(linears.len(), 21, "{name}");
+        let down = linears
+            .iter()
+            .find(|l| l.module == "model.layers.1.mlp.down_proj")
+            .unwrap();
+        assert_eq!((down.in_features, down.out_features), (128, 64), "{name}");
+        let QuantScheme::Gptq(p) = &down.scheme else {
+            panic!("{name}: not GPTQ")
+        };
+        assert_eq!(
+            (p.bits, p.group_size, p.act_order, p.zero_offset),
+            (bits, group, act_order, offset),
+            "{name}"
+        );
+        assert_eq!(down.weight_bits, bits as f64);
+        // Codes, plus a 16-bit scale and a packed zero per group and output, plus g_idx.
+        let groups = 128u64.div_ceil(group);
+        let stored = 128 * 64 * bits as u64 + groups * 64 * (16 + bits as u64) + 128 * 32;
+        assert!(
+            (down.bits_per_weight - stored as f64 / (128.0 * 64.0)).abs() < 1e-9,
+            "{name}: {}",
+            down.bits_per_weight
+        );
+        assert_eq!(down.parts.len(), 4, "{name}: {:?}", down.parts);
+    }
+}
+
+#[test]
+fn gptq_dequantisation_equals_the_reference_bit_for_bit() {
+    for &(name, ..) in GPTQ {
+        let c = Checkpoint::open(fixture(&format!("quantized/{name}"))).unwrap();
+        let reference = f32_tensors(&fixture(&format!(
+            "quantized/references/{name}.dequant.safetensors"
+        )));
+        let linears = st_io::quant::quantized_linears(&c).unwrap();
+        assert_eq!(linears.len(), reference.len());
+        for l in &linears {
+            let ours = GptqLayer::from_checkpoint(&c, l).unwrap().to_f32().unwrap();
+            let want = &reference[&format!("{}.weight", l.module)];
+            let ours: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(&ours, want, "{name}: {}", l.module);
+        }
+    }
+}
+
+#[test]
+fn exl2_layers_are_recognised_with_their_mixed_bits() {
+    let c = Checkpoint::open(fixture("quantized/tiny-llama-exl2")).unwrap();
+    let linears = st_io::quant::quantized_linears(&c).unwrap();
+    assert_eq!(linears.len(), 21);
+    let gate = linears
+        .iter()
+        .find(|l| l.module == "model.layers.2.mlp.gate_proj")
+        .unwrap();
+    assert_eq!((gate.in_features, gate.out_features), (64, 128));
+    let QuantScheme::Exl2 { groups } = &gate.scheme else {
+        panic!("not EXL2")
+    };
+    // 64 inputs in two groups of 32 rows: 6 bits, then 4.
+    assert_eq!(
+        groups.iter().map(|g| (g.bits, g.rows)).collect::<Vec<_>>(),
+        [(6, 32), (4, 32)]
+    );
+    assert_eq!(gate.weight_bits, 5.0);
+    assert!(gate.bits_per_weight > 5.0 && gate.bits_per_weight < 6.0);
+    assert!(gate.part("q_invperm").is_some() && gate.part("q_perm").is_some());
+}
+
+/// Rewrites one tensor of a copy of a fixture (same dtype and size) and returns the folder.
+fn with_tensor(
+    name: &str,
+    tensor: &str,
+    edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8>),
+) -> tempfile::TempDir {
+    let src = fixture(&format!("quantized/{name}"));
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut data = bytes[8 + n..].to_vec();
+    let entry = header[tensor].clone();
+    let (s, e) = (
+        entry["data_offsets"][0].as_u64().unwrap() as usize,
+        entry["data_offsets"][1].as_u64().unwrap() as usize,
+    );
+    let mut body = data[s..e].to_vec();
+    edit(&mut header[tensor], &mut body);
+    assert_eq!(body.len(), e - s, "edits keep the size");
+    data[s..e].copy_from_slice(&body);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    std::fs::write(&file, out).unwrap();
+    dir
+}
+
+#[test]
+fn malformed_gptq_layers_are_refused_naming_the_tensor() {
+    // A qzeros whose width is no GPTQ packing of the outputs.
+    let dir = with_tensor(
+        "tiny-llama-gptq-4bit",
+        "model.layers.0.self_attn.q_proj.qzeros",
+        |h, _| h["shape"] = serde_json::json!([16, 1]),
+    );
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let e = st_io::quant::quantized_linears(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("\"model.layers.0.self_attn.q_proj.qzeros\"")
+            && e.contains("no GPTQ packing")
+            && e.contains("model.safetensors"),
+        "{e}"
+    );
+    // A group index past the last group: found when the layer is read.
+    let dir = with_tensor(
+        "tiny-llama-gptq-4bit",
+        "model.layers.2.mlp.up_proj.g_idx",
+        |_, body| body[40..44].copy_from_slice(&7i32.to_le_bytes()),
+    );
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let linears = st_io::quant::quantized_linears(&c).unwrap();
+    let up = linears
+        .iter()
+        .find(|l| l.module == "model.layers.2.mlp.up_proj")
+        .unwrap();
+    let e = GptqLayer::from_checkpoint(&c, up).unwrap_err().to_string();
+    assert!(
+        e.contains("\"model.layers.2.mlp.up_proj.g_idx\"")
+            && e.contains("input row 10 group 7")
+            && e.contains("2 groups"),
+        "{e}"
+    );
+    // Bits in config.json that the tensors contradict.
+    let dir = with_tensor("tiny-llama-gptq-4bit", "model.norm.weight", |_, _| {});
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"bits\": 4", "\"bits\": 8");
+    std::fs::write(&cfg, text).unwrap();
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let e = st_io::quant::quantized_linears(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("packs 4-bit zero points but config.json's quantization_config.bits is 8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_exl2_layers_are_refused_naming_the_tensor() {
+    // q_groups claiming 8-bit rows: the group rows no longer add up to the permutation.
+    let dir = with_tensor(
+        "tiny-llama-exl2",
+        "model.layers.0.mlp.down_proj.q_groups",
+        |_, body| body[0..2].copy_from_slice(&8i16.to_le_bytes()),
+    );
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let e = st_io::quant::quantized_linears(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("\"model.layers.0.mlp.down_proj.q_groups\"") && e.contains("input rows"),
+        "{e}"
+    );
+}
