@@ -11,7 +11,7 @@ if [ "${1:-}" = "--build" ]; then
   cp target/release/weightsmith .bin/
   # The tests whose behaviour changes with a GPU present (the carried tree must stay small).
   cargo test --no-run -p gpu-mem -p weightsmith-tests 2>&1 | grep -o '(target/[^)]*)' | tr -d '()' \
-    | grep -E 'gpu_mem-|cli_load-|cli_plan-|cli_merge-|merge_fixtures-' | while read -r exe; do cp "$exe" .bin/tests/; done
+    | grep -E 'gpu_mem-|cli_load-|cli_plan-|cli_merge-|merge_fixtures-|quantized-' | while read -r exe; do cp "$exe" .bin/tests/; done
   strip .bin/weightsmith .bin/tests/*
   ls .bin/tests
   exit 0

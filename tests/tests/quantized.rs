@@ -206,3 +206,140 @@ fn malformed_exl2_layers_are_refused_naming_the_tensor() {
         "{e}"
     );
 }
+
+fn merge_into(name: &str, out: &Path) -> weightsmith::Result<weightsmith::MergeReport> {
+    let mut options =
+        weightsmith::MergeOptions::new(vec![(fixture("adapters/llama-lora/adapter"), 1.0)], out);
+    options.device = weightsmith::MergeDevice::Cpu;
+    options.verify = true;
+    weightsmith::merge(fixture(&format!("quantized/{name}")), &options, &mut |_| {})
+}
+
+#[test]
+fn a_lora_merged_into_gptq_is_within_one_ulp_of_dequantise_then_merge_in_f32() {
+    for &(name, ..) in GPTQ {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        let report = merge_into(name, &out).unwrap();
+        assert_eq!(report.dtype, "F16", "{name}");
+        let verify = report.verify.unwrap();
+        assert!(verify.max_ulps <= 1, "{name}: verify {}", verify.max_ulps);
+        assert_eq!(report.modules.len(), 21, "{name}");
+        let merged = Checkpoint::open(&out).unwrap();
+        let reference = Checkpoint::open(fixture(&format!(
+            "quantized/references/{name}.merged-llama-lora.safetensors"
+        )))
+        .unwrap();
+        let mut worst = 0;
+        for r in reference.tensors() {
+            let t = merged
+                .tensor(&r.name)
+                .unwrap_or_else(|| panic!("{name}: no {}", r.name));
+            assert_eq!(
+                (t.dtype, &t.shape),
+                (r.dtype, &r.shape),
+                "{name}: {}",
+                r.name
+            );
+            let (a, b) = (merged.tensor_bytes(t), reference.tensor_bytes(r));
+            for (x, y) in a.chunks_exact(2).zip(b.chunks_exact(2)) {
+                let d = weightsmith::lora_kernels::ulp_distance(
+                    u16::from_le_bytes([x[0], x[1]]),
+                    u16::from_le_bytes([y[0], y[1]]),
+                );
+                worst = worst.max(d);
+            }
+        }
+        assert!(worst <= 1, "{name}: {worst} ulps from the reference");
+        // A plain 16-bit checkpoint: no quantised tensors, no quantization_config.
+        assert!(merged
+            .tensors()
+            .iter()
+            .all(|t| !t.name.ends_with(".qweight")
+                && !t.name.ends_with(".qzeros")
+                && !t.name.ends_with(".scales")
+                && !t.name.ends_with(".g_idx")));
+        assert!(merged
+            .tensors()
+            .iter()
+            .all(|t| t.dtype == st_io::Dtype::F16));
+        let config = merged.config().unwrap();
+        assert!(config.quantization.is_none(), "{name}");
+        assert!(st_io::quant::quantized_linears(&merged).unwrap().is_empty());
+        assert_eq!(merged.tensors().len(), 3 * 9 + 3, "{name}");
+    }
+}
+
+#[test]
+fn merging_into_exl2_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let e = merge_into("tiny-llama-exl2", &out).unwrap_err().to_string();
+    assert!(
+        e.contains("is EXL2-quantised")
+            && e.contains("merge the adapter into the 16-bit base model")
+            && e.contains("tiny-llama-exl2"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// With a GPU (scripts/gpu-check.sh): the CUDA dequantiser gives the CPU's bits on every GPTQ
+/// fixture, and a merge into GPTQ on the GPU writes the CPU merge's bytes. Without one this
+/// says so and checks nothing more.
+#[test]
+fn gptq_on_the_gpu_equals_the_cpu_bit_for_bit() {
+    if weightsmith::gpu_mem::discover().unwrap().is_empty() {
+        eprintln!("no GPU here: the GPU = CPU comparison runs in scripts/gpu-check.sh");
+        return;
+    }
+    let merger = weightsmith::lora_kernels::gpu::GpuMerger::new(0).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for &(name, ..) in GPTQ {
+        let c = Checkpoint::open(fixture(&format!("quantized/{name}"))).unwrap();
+        for l in st_io::quant::quantized_linears(&c).unwrap() {
+            let layer = GptqLayer::from_checkpoint(&c, &l).unwrap();
+            let cpu: Vec<u32> = layer
+                .to_f32()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let gpu: Vec<u32> = merger
+                .dequantize_gptq(&layer)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert!(
+                cpu == gpu,
+                "{name}: {} differs between CPU and GPU",
+                l.module
+            );
+        }
+        let mut outputs = Vec::new();
+        for device in [
+            weightsmith::MergeDevice::Cpu,
+            weightsmith::MergeDevice::Cuda(0),
+        ] {
+            let out = tmp.path().join(format!("{name}-{device:?}"));
+            let mut options = weightsmith::MergeOptions::new(
+                vec![(fixture("adapters/llama-lora/adapter"), 1.0)],
+                &out,
+            );
+            options.device = device;
+            weightsmith::merge(fixture(&format!("quantized/{name}")), &options, &mut |_| {})
+                .unwrap();
+            outputs.push(Checkpoint::open(&out).unwrap());
+        }
+        for t in outputs[0].tensors() {
+            let g = outputs[1].tensor(&t.name).unwrap();
+            assert!(
+                outputs[0].tensor_bytes(t) == outputs[1].tensor_bytes(g),
+                "{name}: {} differs between the CPU and GPU merges",
+                t.name
+            );
+        }
+    }
+}

@@ -10,10 +10,13 @@ use rayon::prelude::*;
 use st_io::Dtype;
 
 use crate::cpu::{stats_of, DoraScale, LoraProduct, MergeStats};
+use crate::dequant::GptqLayer;
 use crate::{Error, Result};
 
 /// The PTX of `kernels/merge.cu` (PTX ISA 8.4, compute_75: JITs on drivers from CUDA 12.4).
 pub const MERGE_PTX: &str = include_str!("../ptx/merge.ptx");
+/// The PTX of `kernels/dequant.cu` (same target).
+pub const DEQUANT_PTX: &str = include_str!("../ptx/dequant.ptx");
 
 fn gpu(e: gpu_mem::Error) -> Error {
     Error::Gpu {
@@ -28,6 +31,7 @@ fn gpu(e: gpu_mem::Error) -> Error {
 pub struct GpuMerger {
     ctx: Arc<Context>,
     module: Module,
+    dequant: Module,
     stream: Stream,
     scratch: Mutex<Scratch>,
     /// WEIGHTSMITH_TRACE: stages timed apart (a synchronisation after each), summed, and
@@ -111,10 +115,12 @@ impl GpuMerger {
     pub fn new(ordinal: u32) -> Result<GpuMerger> {
         let ctx = Context::new(ordinal).map_err(gpu)?;
         let module = Module::load_ptx(&ctx, MERGE_PTX).map_err(gpu)?;
+        let dequant = Module::load_ptx(&ctx, DEQUANT_PTX).map_err(gpu)?;
         let stream = Stream::new(&ctx).map_err(gpu)?;
         Ok(GpuMerger {
             ctx,
             module,
+            dequant,
             stream,
             scratch: Mutex::new(Scratch::default()),
             trace: std::env::var_os("WEIGHTSMITH_TRACE").map(|_| Mutex::new(Trace::default())),
@@ -131,6 +137,67 @@ impl GpuMerger {
         };
         self.stream.synchronize().map_err(gpu)?;
         Ok(a)
+    }
+
+    /// Dequantises a GPTQ layer on the device (`gptq_dequant` in kernels/dequant.cu), the twin
+    /// of [`GptqLayer::dequantize`]: the same f32 values, bit for bit.
+    pub fn dequantize_gptq(&self, layer: &GptqLayer) -> Result<Vec<f32>> {
+        let (inp, outf) = (layer.in_features, layer.out_features);
+        let mut values = vec![0f32; inp * outf];
+        if values.is_empty() {
+            return Ok(values);
+        }
+        let scales_kind = match layer.scales_dtype {
+            Dtype::BF16 => 0,
+            Dtype::F16 => 1,
+            Dtype::F32 => 2,
+            other => return Err(Error::Dtype { dtype: other }),
+        };
+        let g_idx: Vec<u8> = layer
+            .g_idx
+            .iter()
+            .flat_map(|g| (*g as i32).to_le_bytes())
+            .collect();
+        let put = |bytes: &[u8]| -> Result<DeviceAlloc> {
+            let a = DeviceAlloc::new(&self.ctx, bytes.len().max(4)).map_err(gpu)?;
+            // SAFETY: `bytes` outlives the synchronisation at the end of this function.
+            unsafe {
+                a.copy_from_host_async(0, bytes, &self.stream)
+                    .map_err(gpu)?
+            };
+            Ok(a)
+        };
+        let d_q = put(layer.qweight)?;
+        let d_z = put(layer.qzeros)?;
+        let d_s = put(layer.scales)?;
+        let d_g = put(&g_idx)?;
+        let d_out = DeviceAlloc::new(&self.ctx, values.len() * 4).map_err(gpu)?;
+        let args = [
+            KernelArg::Ptr(d_q.device_ptr()),
+            KernelArg::Ptr(d_z.device_ptr()),
+            KernelArg::Ptr(d_s.device_ptr()),
+            KernelArg::I32(scales_kind),
+            KernelArg::Ptr(d_g.device_ptr()),
+            KernelArg::I32(layer.params.bits as i32),
+            KernelArg::I32(layer.params.zero_offset as i32),
+            KernelArg::I64(inp as i64),
+            KernelArg::I64(outf as i64),
+            KernelArg::Ptr(d_out.device_ptr()),
+        ];
+        let grid = ((inp as u32).div_ceil(256), (outf as u32).clamp(1, 65535), 1);
+        // SAFETY: the arguments match `gptq_dequant`'s parameters; qweight holds in·bits/32 ×
+        // out words, qzeros groups × out·bits/32, scales groups × out, g_idx `in` values below
+        // `groups` (checked by GptqLayer::from_checkpoint), out in × out floats.
+        unsafe {
+            self.dequant
+                .launch("gptq_dequant", grid, (256, 1, 1), &self.stream, &args)
+                .map_err(gpu)?;
+        }
+        self.stream.synchronize().map_err(gpu)?;
+        d_out
+            .copy_to_host(0, bytemuck::cast_slice_mut(&mut values))
+            .map_err(gpu)?;
+        Ok(values)
     }
 
     /// Puts one tensor's LoRA factors (and DoRA factors) on the device.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lora_kernels::cpu::merge_rows;
+use lora_kernels::dequant::GptqLayer;
 use lora_kernels::gpu::GpuMerger;
 use lora_kernels::{encode_half, to_f32_vec, DoraScale, LoraProduct, LoraTerm, MergeStats};
 use serde::Serialize;
@@ -128,6 +129,8 @@ struct Job<'a> {
     lora: Option<LoraJob<'a>>,
     /// Extra terms for a `.bias` with LoRA bias: (values, scale).
     bias_terms: Vec<(Vec<f32>, f32)>,
+    /// A GPTQ layer: the source is its dequantised weight (F32), made when the job runs.
+    dequant: Option<&'a GptqLayer<'a>>,
 }
 
 struct LoraJob<'a> {
@@ -177,6 +180,26 @@ pub fn merge(
         .into());
     }
     let base = Checkpoint::open(base_path)?;
+    let quantized = st_io::quant::quantized_linears(&base)?;
+    if let Some(l) = quantized
+        .iter()
+        .find(|l| !matches!(l.scheme, st_io::QuantScheme::Gptq(_)))
+    {
+        let advice = match l.scheme {
+            st_io::QuantScheme::Exl2 { .. } => "merging into an EXL2 model is not supported: merge the adapter into the 16-bit base model, then quantise the result again (exllamav2's convert.py)",
+            _ => "merging into an AWQ model is not supported yet: merge the adapter into the 16-bit base model, then quantise the result again",
+        };
+        return Err(Error::Usage(format!(
+            "{}: layer \"{}\" is {}-quantised; {advice}",
+            base_path.display(),
+            l.module,
+            l.scheme.format().to_uppercase()
+        )));
+    }
+    let gptq: Vec<GptqLayer> = quantized
+        .iter()
+        .map(|l| GptqLayer::from_checkpoint(&base, l))
+        .collect::<std::result::Result<_, _>>()?;
     let adapters: Vec<(LoraAdapter, f64)> = options
         .adapters
         .iter()
@@ -196,8 +219,10 @@ pub fn merge(
         }
         None => dominant_half(&base).unwrap_or(Dtype::BF16),
     };
-    let jobs = plan_jobs(&base, &adapters, out_dtype)?;
-    let tied_head_added = jobs.iter().any(|j| base.tensor(&j.spec.name).is_none());
+    let jobs = plan_jobs(&base, &gptq, &adapters, out_dtype)?;
+    let tied_head_added = jobs
+        .iter()
+        .any(|j| j.dequant.is_none() && base.tensor(&j.spec.name).is_none());
     let vocab_resized = resized_vocab(&base, &jobs);
 
     let specs: Vec<TensorSpec> = jobs.iter().map(|j| j.spec.clone()).collect();
@@ -335,6 +360,7 @@ fn module_error(adapter: &LoraAdapter, module: &str, message: String) -> Error {
 /// Decides, for every output tensor, its source, dtype, shape and LoRA terms.
 fn plan_jobs<'a>(
     base: &'a Checkpoint,
+    gptq: &'a [GptqLayer<'a>],
     adapters: &'a [(LoraAdapter, f64)],
     out_dtype: Dtype,
 ) -> Result<Vec<Job<'a>>> {
@@ -372,30 +398,63 @@ fn plan_jobs<'a>(
             }
         }
     }
-    let mut names: Vec<&str> = base.tensors().iter().map(|t| t.name.as_str()).collect();
+    // A GPTQ layer becomes one `<module>.weight` at its qweight's place; its zeros, scales and
+    // group index are not written.
+    let by_qweight: HashMap<String, &GptqLayer> = gptq
+        .iter()
+        .map(|l| (format!("{}.qweight", l.module), l))
+        .collect();
+    let dropped: std::collections::HashSet<String> = gptq
+        .iter()
+        .flat_map(|l| {
+            ["qzeros", "scales", "g_idx"]
+                .into_iter()
+                .map(move |r| format!("{}.{r}", l.module))
+        })
+        .collect();
+    let mut names: Vec<(String, Option<&GptqLayer>)> = base
+        .tensors()
+        .iter()
+        .filter(|t| !dropped.contains(&t.name))
+        .map(|t| match by_qweight.get(&t.name) {
+            Some(l) => (format!("{}.weight", l.module), Some(*l)),
+            None => (t.name.clone(), None),
+        })
+        .collect();
     // A tied base whose head the adapter saved separately: the head is written too.
-    let extra: Vec<&str> = replaced
+    let extra: Vec<(String, Option<&GptqLayer>)> = replaced
         .keys()
-        .copied()
-        .filter(|n| base.tensor(n).is_none())
+        .filter(|n| base.tensor(n).is_none() && !names.iter().any(|(m, _)| m == *n))
+        .map(|n| (n.to_string(), None))
         .collect();
     names.extend(extra);
     let mut jobs = Vec::with_capacity(names.len());
-    for name in names {
-        let (source, dtype, shape) = match (replaced.get(name), base.tensor(name)) {
-            (Some((a, t)), _) => (a.tensor_bytes(t), t.dtype, t.shape.clone()),
-            (None, Some(t)) => (base.tensor_bytes(t), t.dtype, t.shape.clone()),
-            (None, None) => unreachable!("names come from the base or the replacements"),
+    for (name, layer) in &names {
+        let name = name.as_str();
+        let (source, dtype, shape) = match (replaced.get(name), base.tensor(name), layer) {
+            (Some((a, t)), ..) => (a.tensor_bytes(t), t.dtype, t.shape.clone()),
+            (None, Some(t), _) => (base.tensor_bytes(t), t.dtype, t.shape.clone()),
+            (None, None, Some(l)) => (
+                &[][..],
+                Dtype::F32,
+                vec![l.out_features as u64, l.in_features as u64],
+            ),
+            (None, None, None) => unreachable!("names come from the base or the replacements"),
+        };
+        let layer = if replaced.contains_key(name) {
+            None
+        } else {
+            *layer
         };
         let target_dtype = if can_convert(dtype, out_dtype) {
             out_dtype
         } else {
             dtype
         };
-        let base_tensor = if replaced.contains_key(name) {
-            None
-        } else {
-            base.tensor(name)
+        let base_tensor = match layer {
+            _ if replaced.contains_key(name) => None,
+            Some(l) => base.tensor(&format!("{}.qweight", l.module)),
+            None => base.tensor(name),
         };
         let mut job = Job {
             spec: TensorSpec::new(name, target_dtype, shape.clone()),
@@ -404,6 +463,7 @@ fn plan_jobs<'a>(
             source_dtype: dtype,
             lora: None,
             bias_terms: Vec::new(),
+            dequant: layer,
         };
         let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
         for (a, weight) in adapters {
@@ -523,13 +583,25 @@ fn write_job(
 ) -> Result<MergeStats> {
     let name = job.spec.name.as_str();
     let target = job.spec.dtype;
+    // A GPTQ layer is dequantised first (on the merge's device; both give the same bits).
+    let dequantized: Vec<f32>;
+    let (source, source_dtype) = match job.dequant {
+        Some(layer) => {
+            dequantized = match gpu {
+                Some(g) => g.dequantize_gptq(layer)?,
+                None => layer.to_f32()?,
+            };
+            (bytemuck::cast_slice::<f32, u8>(&dequantized), Dtype::F32)
+        }
+        None => (job.source, job.source_dtype),
+    };
     // Not a float we convert: copied as it is.
-    if !can_convert(job.source_dtype, target) {
-        writer.write_tensor(name, job.source)?;
+    if !can_convert(source_dtype, target) {
+        writer.write_tensor(name, source)?;
         return Ok(MergeStats::default());
     }
     if !job.bias_terms.is_empty() {
-        let mut values = to_f32_vec(job.source_dtype, job.source)?;
+        let mut values = to_f32_vec(source_dtype, source)?;
         let orig = values.clone();
         for (b, scale) in &job.bias_terms {
             if b.len() != values.len() {
@@ -585,10 +657,7 @@ fn write_job(
                 ..
             }),
             Some(p),
-        ) => Some(
-            DoraScale::new(job.source, job.source_dtype, p, *transposed, m)
-                .map_err(Error::Kernel)?,
-        ),
+        ) => Some(DoraScale::new(source, source_dtype, p, *transposed, m).map_err(Error::Kernel)?),
         _ => None,
     };
     // LoRA targets go to the GPU when there is one; plain conversions stay on the CPU.
@@ -621,19 +690,8 @@ fn write_job(
                 };
                 let out = &mut buffer[..n * cols * 2];
                 stats.add(match on_gpu {
-                    Some((g, t)) => {
-                        g.merge_rows(t, job.source, job.source_dtype, cols, row, kind, out)?
-                    }
-                    None => merge_rows(
-                        job.source,
-                        job.source_dtype,
-                        cols,
-                        product,
-                        dora,
-                        row,
-                        kind,
-                        out,
-                    )?,
+                    Some((g, t)) => g.merge_rows(t, source, source_dtype, cols, row, kind, out)?,
+                    None => merge_rows(source, source_dtype, cols, product, dora, row, kind, out)?,
                 });
                 if filled_tx.send((buffer, n * cols * 2)).is_err() {
                     break;
@@ -768,6 +826,14 @@ fn verify_output(out: &Path, jobs: &[Job], out_dtype: Dtype) -> Result<VerifyRep
         let Some(t) = written.tensor(&job.spec.name) else {
             continue;
         };
+        let dequantized: Vec<f32>;
+        let (source, source_dtype) = match job.dequant {
+            Some(layer) => {
+                dequantized = layer.to_f32()?;
+                (bytemuck::cast_slice::<f32, u8>(&dequantized), Dtype::F32)
+            }
+            None => (job.source, job.source_dtype),
+        };
         let bytes = written.tensor_bytes(t);
         let rows = job.spec.shape[0] as usize;
         let cols = bytes.len() / 2 / rows.max(1);
@@ -784,8 +850,8 @@ fn verify_output(out: &Path, jobs: &[Job], out_dtype: Dtype) -> Result<VerifyRep
         // DoRA factors in f64, from every row (cheap next to the merge itself).
         let row_at = |r: usize| {
             lora_kernels::reference::merged_row(
-                job.source,
-                job.source_dtype,
+                source,
+                source_dtype,
                 l.out,
                 l.inp,
                 l.transposed,
