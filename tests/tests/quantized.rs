@@ -343,3 +343,96 @@ fn gptq_on_the_gpu_equals_the_cpu_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn quantised_checkpoints_plan_with_their_real_bytes_and_load_as_stored() {
+    for name in [
+        "tiny-llama-gptq-4bit",
+        "tiny-llama-gptq-3bit-actorder",
+        "tiny-llama-exl2",
+    ] {
+        let path = fixture(&format!("quantized/{name}"));
+        let c = Checkpoint::open(&path).unwrap();
+        // The plan places the stored bytes (codes, scales, zeros, indices), not a 16-bit size.
+        let plan_options = weightsmith::PlanOptions {
+            devices: weightsmith::plan::DeviceChoice::Simulated(vec![1 << 30, 1 << 30]),
+            ..Default::default()
+        };
+        let plan = weightsmith::plan_checkpoint(&path, &plan_options).unwrap();
+        let planned: u64 = plan.plan.units.iter().map(|u| u.weight_bytes).sum();
+        assert_eq!(planned, c.total_tensor_bytes(), "{name}");
+        let options = weightsmith::LoadOptions {
+            verify: true,
+            ..Default::default()
+        };
+        let loaded = weightsmith::load(&path, &options, &mut |_| {}).unwrap();
+        assert_eq!(loaded.report.verified_tensors, Some(c.tensors().len()));
+        assert_eq!(loaded.quantized.len(), 21, "{name}");
+        let linears = st_io::quant::quantized_linears(&c).unwrap();
+        for (q, l) in loaded.quantized.iter().zip(&linears) {
+            assert_eq!(q.module, l.module);
+            assert_eq!(
+                (q.in_features, q.out_features),
+                (l.in_features, l.out_features)
+            );
+            assert_eq!(q.scheme, l.scheme);
+            assert_eq!(q.parts.len(), l.parts.len(), "{name}: {}", q.module);
+            for (role, &i) in &l.parts {
+                let t = &c.tensors()[i];
+                let part = loaded.quantized_part(q, role).unwrap();
+                assert_eq!(part.name, t.name);
+                assert_eq!(
+                    part.device, q.device,
+                    "{name}: a layer's parts share a device"
+                );
+                assert_eq!(part.buffer.read_back().unwrap(), c.tensor_bytes(t));
+            }
+        }
+        let first = loaded
+            .quantized_linear("model.layers.0.self_attn.q_proj")
+            .unwrap();
+        let roles: Vec<&str> = first.parts.keys().map(String::as_str).collect();
+        if name.contains("exl2") {
+            assert!(roles.contains(&"q_invperm") && roles.contains(&"q_groups"));
+        } else {
+            assert_eq!(roles, ["g_idx", "qweight", "qzeros", "scales"]);
+        }
+    }
+}
+
+#[test]
+fn the_cli_merges_into_gptq_and_refuses_exl2_with_exit_code_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixture("adapters/llama-lora/adapter");
+    let run = |base: &str, out: &str| {
+        weightsmith_tests::weightsmith(&[
+            "merge",
+            "--base",
+            fixture(&format!("quantized/{base}")).to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            dir.path().join(out).to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+    };
+    let ok = run("tiny-llama-gptq-3bit-actorder", "gptq");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let inspect =
+        weightsmith_tests::weightsmith(&["inspect", dir.path().join("gptq").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        !text.contains("quantised") && text.contains("F16"),
+        "{text}"
+    );
+    let refused = run("tiny-llama-exl2", "exl2");
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("EXL2-quantised"), "{stderr}");
+    assert!(!dir.path().join("exl2").exists());
+}

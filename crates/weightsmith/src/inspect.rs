@@ -40,6 +40,35 @@ pub struct UnitReport {
     pub kind: &'static str,
     pub tensors: usize,
     pub bytes: u64,
+    /// The unit's quantised linear layers, summarised (absent when it has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<UnitQuantization>,
+}
+
+/// The quantised linear layers of one placement unit.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitQuantization {
+    /// `gptq`, `exl2` or `awq` (`mixed` if the unit has several).
+    pub format: String,
+    pub linears: usize,
+    /// Bits of the codes per weight, over the unit's quantised weights.
+    pub weight_bits: f64,
+    /// Every stored bit (codes, scales, zeros, indices) per weight.
+    pub bits_per_weight: f64,
+}
+
+/// One quantised linear layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizedLinearReport {
+    pub module: String,
+    pub unit: String,
+    pub in_features: u64,
+    pub out_features: u64,
+    pub weight_bits: f64,
+    pub bits_per_weight: f64,
+    /// The format and its parameters (GPTQ: bits, group size, act-order, zero offset; EXL2:
+    /// its groups of rows and their bits).
+    pub scheme: st_io::QuantScheme,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +97,8 @@ pub struct InspectReport {
     pub layer_prefix: Option<String>,
     pub tied_embeddings: bool,
     pub units: Vec<UnitReport>,
+    /// Quantised linear layers (GPTQ, EXL2, AWQ), in tensor order; empty for a float model.
+    pub quantized_linears: Vec<QuantizedLinearReport>,
     pub problems: Vec<Problem>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorReport>>,
@@ -78,7 +109,8 @@ pub struct InspectReport {
 pub fn inspect(path: impl AsRef<Path>, options: &InspectOptions) -> Result<InspectReport> {
     let path = path.as_ref();
     let checkpoint = Checkpoint::open(path)?;
-    Ok(report(path, &checkpoint, options))
+    let linears = st_io::quant::quantized_linears(&checkpoint)?;
+    Ok(report(path, &checkpoint, &linears, options))
 }
 
 fn kind_name(kind: UnitKind) -> &'static str {
@@ -91,9 +123,64 @@ fn kind_name(kind: UnitKind) -> &'static str {
     }
 }
 
-fn report(path: &Path, checkpoint: &Checkpoint, options: &InspectOptions) -> InspectReport {
+fn report(
+    path: &Path,
+    checkpoint: &Checkpoint,
+    linears: &[st_io::QuantizedLinear],
+    options: &InspectOptions,
+) -> InspectReport {
     let tensors = checkpoint.tensors();
     let layout = checkpoint.layout();
+    let mut unit_of_tensor = vec![usize::MAX; tensors.len()];
+    for (u, unit) in layout.units.iter().enumerate() {
+        for &t in &unit.tensors {
+            unit_of_tensor[t] = u;
+        }
+    }
+    // Each linear belongs to the unit of its first part.
+    let linear_unit: Vec<usize> = linears
+        .iter()
+        .map(|l| {
+            l.parts
+                .values()
+                .next()
+                .map_or(usize::MAX, |&t| unit_of_tensor[t])
+        })
+        .collect();
+    let unit_quantization = |u: usize| -> Option<UnitQuantization> {
+        let members: Vec<&st_io::QuantizedLinear> = linears
+            .iter()
+            .zip(&linear_unit)
+            .filter(|(_, &lu)| lu == u)
+            .map(|(l, _)| l)
+            .collect();
+        let first = members.first()?;
+        let weights: f64 = members
+            .iter()
+            .map(|l| (l.in_features * l.out_features) as f64)
+            .sum();
+        let mean = |f: fn(&st_io::QuantizedLinear) -> f64| {
+            members
+                .iter()
+                .map(|l| f(l) * (l.in_features * l.out_features) as f64)
+                .sum::<f64>()
+                / weights.max(1.0)
+        };
+        let format = if members
+            .iter()
+            .all(|l| l.scheme.format() == first.scheme.format())
+        {
+            first.scheme.format().to_string()
+        } else {
+            "mixed".to_string()
+        };
+        Some(UnitQuantization {
+            format,
+            linears: members.len(),
+            weight_bits: mean(|l| l.weight_bits),
+            bits_per_weight: mean(|l| l.bits_per_weight),
+        })
+    };
     let mut per_file = vec![0usize; checkpoint.files().len()];
     let mut dtypes: BTreeMap<String, DtypeCount> = BTreeMap::new();
     for t in tensors {
@@ -153,15 +240,58 @@ fn report(path: &Path, checkpoint: &Checkpoint, options: &InspectOptions) -> Ins
         units: layout
             .units
             .iter()
-            .map(|u| UnitReport {
+            .enumerate()
+            .map(|(i, u)| UnitReport {
                 name: u.name.clone(),
                 kind: kind_name(u.kind),
                 tensors: u.tensors.len(),
                 bytes: u.bytes,
+                quantization: unit_quantization(i),
+            })
+            .collect(),
+        quantized_linears: linears
+            .iter()
+            .zip(&linear_unit)
+            .map(|(l, &u)| QuantizedLinearReport {
+                module: l.module.clone(),
+                unit: layout
+                    .units
+                    .get(u)
+                    .map_or_else(String::new, |u| u.name.clone()),
+                in_features: l.in_features,
+                out_features: l.out_features,
+                weight_bits: l.weight_bits,
+                bits_per_weight: l.bits_per_weight,
+                scheme: l.scheme.clone(),
             })
             .collect(),
         problems,
         tensors: tensor_reports,
+    }
+}
+
+/// `GPTQ 4-bit, group 128, act-order`, `EXL2 (4/6-bit groups)`, `AWQ 4-bit`.
+fn describe_scheme(scheme: &st_io::QuantScheme) -> String {
+    match scheme {
+        st_io::QuantScheme::Gptq(p) => format!(
+            "GPTQ {}-bit, group {}{}{}",
+            p.bits,
+            p.group_size,
+            if p.act_order { ", act-order" } else { "" },
+            if p.zero_offset == 0 {
+                ", gptq_v2 zeros"
+            } else {
+                ""
+            }
+        ),
+        st_io::QuantScheme::Exl2 { groups } => {
+            let mut bits: Vec<u32> = groups.iter().map(|g| g.bits).collect();
+            bits.sort_unstable();
+            bits.dedup();
+            let bits: Vec<String> = bits.iter().map(u32::to_string).collect();
+            format!("EXL2 ({}-bit groups)", bits.join("/"))
+        }
+        st_io::QuantScheme::Awq { bits } => format!("AWQ {bits}-bit"),
     }
 }
 
@@ -231,15 +361,50 @@ impl InspectReport {
             "  tied embeddings: {}",
             if self.tied_embeddings { "yes" } else { "no" }
         );
-        let _ = writeln!(s, "\n  {:<14} {:>8} {:>12}", "unit", "tensors", "bytes");
+        if !self.quantized_linears.is_empty() {
+            let mut formats: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+            for l in &self.quantized_linears {
+                let w = (l.in_features * l.out_features) as f64;
+                let e = formats.entry(describe_scheme(&l.scheme)).or_default();
+                e.0 += 1;
+                e.1 += w;
+                e.2 += w * l.bits_per_weight;
+            }
+            for (scheme, (n, w, bits)) in formats {
+                let _ = writeln!(
+                    s,
+                    "  quantised: {n} linear layer(s) {scheme}, {:.2} bits per weight with scales and zeros",
+                    bits / w.max(1.0)
+                );
+            }
+        }
+        let quantised = self.units.iter().any(|u| u.quantization.is_some());
+        let _ = write!(s, "\n  {:<14} {:>8} {:>12}", "unit", "tensors", "bytes");
+        let _ = writeln!(
+            s,
+            "{}",
+            if quantised {
+                "  quantised (bits/weight: codes, all)"
+            } else {
+                ""
+            }
+        );
         for u in &self.units {
-            let _ = writeln!(
+            let _ = write!(
                 s,
                 "  {:<14} {:>8} {:>12}",
                 u.name,
                 u.tensors,
                 format_decimal(u.bytes)
             );
+            let _ = match &u.quantization {
+                Some(q) => writeln!(
+                    s,
+                    "  {} ×{}: {:.2}, {:.2}",
+                    q.format, q.linears, q.weight_bits, q.bits_per_weight
+                ),
+                None => writeln!(s),
+            };
         }
         if let Some(tensors) = &self.tensors {
             let _ = writeln!(s, "\n  tensors:");

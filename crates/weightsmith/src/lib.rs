@@ -15,7 +15,7 @@ pub mod plan;
 pub mod publish;
 
 pub use inspect::{inspect, InspectOptions, InspectReport};
-pub use load::{load, LoadOptions, LoadReport, LoadedModel};
+pub use load::{load, LoadOptions, LoadReport, LoadedModel, LoadedQuantizedLinear};
 pub use merge::{merge, MergeDevice, MergeOptions, MergeReport};
 pub use plan::{plan_checkpoint, PlanOptions, PlanReport};
 pub use publish::{publish, PublishOptions, PublishSummary};

@@ -1,7 +1,7 @@
 //! `weightsmith load`: a checkpoint onto its devices per the plan, at the speed of the bus,
 //! with each layer's KV cache allocated beside it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -116,11 +116,29 @@ pub struct LoadReport {
     pub plan: PlanReport,
 }
 
-/// A loaded model: tensors by name with device, dtype, shape and device pointer, and each
-/// layer's cache buffer.
+/// A quantised linear layer as loaded, with what a dequantising kernel needs (exllamav2's
+/// "dequantisation set-up"): the format's parameters (GPTQ bits, group size, act-order, zero
+/// offset; EXL2 groups of rows and their bits) and its tensors, loaded as they are stored, on
+/// the layer's device (`qweight`, `qzeros`, `scales`, `g_idx` — the permutation of act-order
+/// — and `bias`; EXL2 `q_weight`, `q_scale`, `q_scale_max`, `q_groups`, `q_perm`,
+/// `q_invperm`).
+#[derive(Debug, Clone)]
+pub struct LoadedQuantizedLinear {
+    pub module: String,
+    pub device: Device,
+    pub in_features: u64,
+    pub out_features: u64,
+    pub scheme: st_io::QuantScheme,
+    /// The layer's tensors by role, as indices into [`LoadedModel::tensors`].
+    pub parts: BTreeMap<String, usize>,
+}
+
+/// A loaded model: tensors by name with device, dtype, shape and device pointer, each
+/// layer's cache buffer, and the quantised linear layers grouped with their parameters.
 pub struct LoadedModel {
     pub tensors: Vec<LoadedTensor>,
     pub caches: Vec<LayerCache>,
+    pub quantized: Vec<LoadedQuantizedLinear>,
     pub report: LoadReport,
     by_name: HashMap<String, usize>,
     _contexts: Vec<Arc<Context>>,
@@ -129,6 +147,21 @@ pub struct LoadedModel {
 impl LoadedModel {
     pub fn tensor(&self, name: &str) -> Option<&LoadedTensor> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The quantised linear layer of a module path (`model.layers.0.self_attn.q_proj`).
+    pub fn quantized_linear(&self, module: &str) -> Option<&LoadedQuantizedLinear> {
+        self.quantized.iter().find(|q| q.module == module)
+    }
+
+    /// The loaded tensor of one role of a quantised layer (`qweight`, `g_idx`, `q_perm`, …);
+    /// its [`Buffer::device_ptr`] is what a kernel takes.
+    pub fn quantized_part(
+        &self,
+        linear: &LoadedQuantizedLinear,
+        role: &str,
+    ) -> Option<&LoadedTensor> {
+        linear.parts.get(role).map(|&i| &self.tensors[i])
     }
 }
 
@@ -162,7 +195,8 @@ pub fn load(
     let path = path.as_ref();
     let started = Instant::now();
     let checkpoint = Checkpoint::open(path)?;
-    check_architecture(&checkpoint)?;
+    let linears = st_io::quant::quantized_linears(&checkpoint)?;
+    check_architecture(&checkpoint, &linears)?;
     let infos = gpu_mem::discover()?;
     let backend = if infos.is_empty() {
         "host (no NVIDIA driver)".to_string()
@@ -360,9 +394,31 @@ pub fn load(
         verified_tensors,
         plan,
     };
+    let quantized = linears
+        .iter()
+        .map(|l| {
+            let parts: BTreeMap<String, usize> = l
+                .parts
+                .iter()
+                .filter_map(|(role, &i)| tensor_index[i].map(|k| (role.clone(), k)))
+                .collect();
+            LoadedQuantizedLinear {
+                module: l.module.clone(),
+                device: parts
+                    .values()
+                    .next()
+                    .map_or(Device::Host, |&k| tensors[k].device),
+                in_features: l.in_features,
+                out_features: l.out_features,
+                scheme: l.scheme.clone(),
+                parts,
+            }
+        })
+        .collect();
     Ok(LoadedModel {
         tensors,
         caches,
+        quantized,
         report,
         by_name,
         _contexts: ctx_list,
@@ -464,9 +520,36 @@ fn check_layers_alike(c: &Checkpoint) -> Result<()> {
 
 /// Before any copy: layers alike, the layers config.json announces are all there, attention
 /// projections and the embedding have the shapes it implies.
-fn check_architecture(c: &Checkpoint) -> Result<()> {
+fn check_architecture(c: &Checkpoint, linears: &[st_io::QuantizedLinear]) -> Result<()> {
     check_layers_alike(c)?;
     let Some(cfg) = c.config() else { return Ok(()) };
+    // Quantised attention projections have the dimensions the head counts imply too.
+    if let (Some(heads), Some(kv), Some(hd), Some(h)) = (
+        cfg.num_attention_heads,
+        cfg.kv_heads(),
+        cfg.head_dim(),
+        cfg.hidden_size,
+    ) {
+        for l in linears {
+            let expected = if l.module.ends_with("self_attn.q_proj") {
+                Some((heads * hd, h))
+            } else if l.module.ends_with("self_attn.k_proj")
+                || l.module.ends_with("self_attn.v_proj")
+            {
+                Some((kv * hd, h))
+            } else {
+                None
+            };
+            if let Some((out, inp)) = expected {
+                if (l.out_features, l.in_features) != (out, inp) {
+                    return Err(Error::Usage(format!(
+                        "{}: quantised layer \"{}\" has {} outputs and {} inputs but config.json (heads, key/value heads, head_dim, hidden_size) implies {out} and {inp}",
+                        c.root().display(), l.module, l.out_features, l.in_features
+                    )));
+                }
+            }
+        }
+    }
     let layout = c.layout();
     // Attention projections have the shapes the head counts imply.
     if let (Some(heads), Some(kv), Some(hd), Some(h)) = (
