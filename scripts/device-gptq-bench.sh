@@ -47,8 +47,9 @@ assert sorted(a) == sorted(b), "different tensor names"
 worst = 0
 for k in sorted(a):
     if k.startswith("model.layers.0."):
-        x, y = a[k].get_tensor(k).view(torch.int16).int(), b[k].get_tensor(k).view(torch.int16).int()
-        worst = max(worst, (x - y).abs().max().item())
+        x, y = (a[k].get_tensor(k).view(torch.int16).int(), b[k].get_tensor(k).view(torch.int16).int())
+        key = lambda v: torch.where(v < 0, -(v & 0x7FFF), v)   # sign-magnitude order: ulps through zero
+        worst = max(worst, (key(x) - key(y)).abs().max().item())
 print(f"ours vs peer on layer 0: same {len(a)} tensor names, max {worst} ulp")
 PY
 warm
