@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_synthetic import PRESETS, Source, serialize_file  # noqa: E402
+from make_synthetic import PRESETS, serialize_file, write_adapter  # noqa: E402
 
 BITS, GROUP = 4, 128
 
@@ -51,7 +51,7 @@ def main():
         for i in ids:
             for m, (out_f, in_f) in linear.items():
                 key = f"model.layers.{i}.{m}"
-                groups = in_f // GROUP
+                groups = -(-in_f // GROUP)
                 data[f"{key}.qweight"] = {"dtype": "I32", "shape": [in_f * BITS // 32, out_f],
                                          "data": rng.integers(0, 2**32, in_f * BITS // 32 * out_f, dtype=np.uint32).tobytes()}
                 data[f"{key}.qzeros"] = {"dtype": "I32", "shape": [groups, out_f * BITS // 32],
@@ -80,22 +80,8 @@ def main():
                                       "desc_act": False, "sym": True, "checkpoint_format": "gptq"}}
     with open(os.path.join(base, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
-    adapter = os.path.join(a.out, "adapter")
-    os.makedirs(adapter, exist_ok=True)
-    lsrc = Source(1 << 24, 2)
-    data, r = {}, a.rank
-    for i in range(layers):
-        for m, (out_f, in_f) in linear.items():
-            key = f"base_model.model.model.layers.{i}.{m}"
-            data[f"{key}.lora_A.weight"] = {"dtype": "BF16", "shape": [r, in_f], "data": lsrc.take(r * in_f)}
-            data[f"{key}.lora_B.weight"] = {"dtype": "BF16", "shape": [out_f, r], "data": lsrc.take(out_f * r)}
-    serialize_file(data, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(adapter, "adapter_config.json"), "w") as fh:
-        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
-                   "target_modules": sorted(m.split(".")[1] for m in linear), "bias": "none",
-                   "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-                   "base_model_name_or_path": "synthetic-llama"}, fh, indent=2)
-    print(f"wrote {total / 1e9:.2f} GB of GPTQ in {n} shard(s) and an r={r} adapter to {a.out}")
+    write_adapter(os.path.join(a.out, "adapter"), layers, linear, a.rank)
+    print(f"wrote {total / 1e9:.2f} GB of GPTQ in {n} shard(s) and an r={a.rank} adapter to {a.out}")
 
 
 if __name__ == "__main__":

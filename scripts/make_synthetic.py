@@ -60,6 +60,25 @@ class Source:
         return out.tobytes()
 
 
+def write_adapter(adapter, layers, linear, r):
+    """An r-rank PEFT LoRA adapter (BF16, B non-zero) for every linear layer of `layers`
+    Llama layers; `linear` maps "self_attn.q_proj" etc. to (out, in)."""
+    os.makedirs(adapter, exist_ok=True)
+    lsrc = Source(1 << 24, 2)
+    data = {}
+    for i in range(layers):
+        for m, (out_f, in_f) in linear.items():
+            key = f"base_model.model.model.layers.{i}.{m}"
+            data[f"{key}.lora_A.weight"] = {"dtype": "BF16", "shape": [r, in_f], "data": lsrc.take(r * in_f)}
+            data[f"{key}.lora_B.weight"] = {"dtype": "BF16", "shape": [out_f, r], "data": lsrc.take(out_f * r)}
+    serialize_file(data, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(adapter, "adapter_config.json"), "w") as fh:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
+                   "target_modules": sorted(m.split(".")[1] for m in linear), "bias": "none",
+                   "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+                   "base_model_name_or_path": "synthetic-llama"}, fh, indent=2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -115,23 +134,8 @@ def main():
               "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
     with open(os.path.join(base, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
-    adapter = os.path.join(a.out, "adapter")
-    os.makedirs(adapter, exist_ok=True)
-    lsrc = Source(1 << 24, 2)
-    data = {}
-    r = a.rank
-    for i in range(p["layers"]):
-        for m, (out_f, in_f) in linear.items():
-            key = f"base_model.model.model.layers.{i}.{m}"
-            data[f"{key}.lora_A.weight"] = {"dtype": "BF16", "shape": [r, in_f], "data": lsrc.take(r * in_f)}
-            data[f"{key}.lora_B.weight"] = {"dtype": "BF16", "shape": [out_f, r], "data": lsrc.take(out_f * r)}
-    serialize_file(data, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(adapter, "adapter_config.json"), "w") as fh:
-        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
-                   "target_modules": sorted(m.split(".")[1] for m in linear), "bias": "none",
-                   "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-                   "base_model_name_or_path": "synthetic-llama"}, fh, indent=2)
-    print(f"wrote {total / 1e9:.2f} GB in {len(shards)} shard(s) and an r={r} adapter to {a.out}")
+    write_adapter(os.path.join(a.out, "adapter"), p["layers"], linear, a.rank)
+    print(f"wrote {total / 1e9:.2f} GB in {len(shards)} shard(s) and an r={a.rank} adapter to {a.out}")
 
 
 if __name__ == "__main__":

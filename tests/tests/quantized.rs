@@ -436,3 +436,68 @@ fn the_cli_merges_into_gptq_and_refuses_exl2_with_exit_code_one() {
     assert!(stderr.contains("EXL2-quantised"), "{stderr}");
     assert!(!dir.path().join("exl2").exists());
 }
+
+/// Renames one tensor of a copy of a fixture (the header only; the data stays).
+fn with_renamed(name: &str, from: &str, to: &str) -> tempfile::TempDir {
+    let dir = with_tensor(name, from, |_, _| {});
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let entry = header.as_object_mut().unwrap().remove(from).unwrap();
+    header[to] = entry;
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(&file, out).unwrap();
+    dir
+}
+
+#[test]
+fn incomplete_or_ambiguous_quantised_layers_and_awq_merges_are_refused() {
+    // A GPTQ layer without its zero points.
+    let dir = with_renamed(
+        "tiny-llama-gptq-4bit",
+        "model.layers.1.mlp.up_proj.qzeros",
+        "model.layers.1.mlp.up_proj.qzerox",
+    );
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let e = st_io::quant::quantized_linears(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("\"model.layers.1.mlp.up_proj.qweight\" is a quantised weight but \"model.layers.1.mlp.up_proj.qzeros\" is missing"),
+        "{e}"
+    );
+    // A plain weight stored beside the quantised one.
+    let dir = with_renamed(
+        "tiny-llama-gptq-4bit",
+        "model.layers.1.mlp.up_proj.g_idx",
+        "model.layers.1.mlp.up_proj.weight",
+    );
+    let c = Checkpoint::open(dir.path()).unwrap();
+    let e = st_io::quant::quantized_linears(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("\"model.layers.1.mlp.up_proj.weight\" is stored too"),
+        "{e}"
+    );
+    // The same tensors declared AWQ: recognised, and a merge into them refused.
+    let dir = with_tensor("tiny-llama-gptq-4bit", "model.norm.weight", |_, _| {});
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"quant_method\": \"gptq\"", "\"quant_method\": \"awq\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out = dir.path().join("merged");
+    let mut options =
+        weightsmith::MergeOptions::new(vec![(fixture("adapters/llama-lora/adapter"), 1.0)], &out);
+    options.device = weightsmith::MergeDevice::Cpu;
+    let e = weightsmith::merge(dir.path(), &options, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is AWQ-quantised") && e.contains("not supported"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

@@ -64,17 +64,10 @@ impl<'a> GptqLayer<'a> {
         let inp = linear.in_features as usize;
         let g_idx: Vec<u32> = match linear.part("g_idx").map(|i| &c.tensors()[i]) {
             Some(t) => {
-                let bytes = c.tensor_bytes(t);
-                let values: Vec<i64> = match t.dtype {
-                    Dtype::I64 => bytes
-                        .chunks_exact(8)
-                        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-                        .collect(),
-                    _ => bytes
-                        .chunks_exact(4)
-                        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
-                        .collect(),
-                };
+                let values = st_io::quant::integer_values(c, t).map_err(|e| Error::Quantized {
+                    tensor: t.name.clone(),
+                    message: e.to_string(),
+                })?;
                 values
                     .iter()
                     .enumerate()

@@ -309,13 +309,7 @@ fn gptq_linear(
         )?;
     }
     if let Some(b) = t("bias") {
-        if b.shape != [out] {
-            return Err(bad(
-                c,
-                b,
-                format!("has shape {:?} but the layer has {out} outputs", b.shape),
-            ));
-        }
+        expect_len(c, b, out, "outputs")?;
     }
     let configured = config.and_then(|q| q.group_size).filter(|_| !dynamic);
     let group_size = match configured {
@@ -388,7 +382,8 @@ fn awq_linear(
     })
 }
 
-fn read_ints(c: &Checkpoint, t: &TensorInfo) -> Result<Vec<i64>> {
+/// The values of an integer index tensor (I16, I32 or I64: `q_groups`, `g_idx`, permutations).
+pub fn integer_values(c: &Checkpoint, t: &TensorInfo) -> Result<Vec<i64>> {
     let bytes = c.tensor_bytes(t);
     Ok(match t.dtype {
         Dtype::I16 => bytes
@@ -399,8 +394,30 @@ fn read_ints(c: &Checkpoint, t: &TensorInfo) -> Result<Vec<i64>> {
             .chunks_exact(4)
             .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
             .collect(),
-        other => return Err(bad(c, t, format!("has dtype {other}; expected I16 or I32"))),
+        Dtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect(),
+        other => {
+            return Err(bad(
+                c,
+                t,
+                format!("has dtype {other}; expected I16, I32 or I64"),
+            ))
+        }
     })
+}
+
+/// A one-dimensional tensor of `n` values (a bias, a permutation).
+fn expect_len(c: &Checkpoint, t: &TensorInfo, n: u64, what: &str) -> Result<()> {
+    if t.shape != [n] {
+        return Err(bad(
+            c,
+            t,
+            format!("has shape {:?} but the layer has {n} {what}", t.shape),
+        ));
+    }
+    Ok(())
 }
 
 fn exl2_linear(c: &Checkpoint, module: &str, anchor: &TensorInfo) -> Result<QuantizedLinear> {
@@ -438,7 +455,7 @@ fn exl2_linear(c: &Checkpoint, module: &str, anchor: &TensorInfo) -> Result<Quan
         }
     };
     let q_groups = &c.tensors()[parts["q_groups"]];
-    let raw = read_ints(c, q_groups)?;
+    let raw = integer_values(c, q_groups)?;
     if raw.is_empty() || raw.len() % 2 != 0 {
         return Err(bad(
             c,
@@ -491,22 +508,10 @@ fn exl2_linear(c: &Checkpoint, module: &str, anchor: &TensorInfo) -> Result<Quan
         "the scale maxima of this layer",
     )?;
     if let Some(p) = t("q_perm") {
-        if p.shape != [inp] {
-            return Err(bad(
-                c,
-                p,
-                format!("has shape {:?} but the layer has {inp} inputs", p.shape),
-            ));
-        }
+        expect_len(c, p, inp, "inputs")?;
     }
     if let Some(b) = t("bias") {
-        if b.shape != [out] {
-            return Err(bad(
-                c,
-                b,
-                format!("has shape {:?} but the layer has {out} outputs", b.shape),
-            ));
-        }
+        expect_len(c, b, out, "outputs")?;
     }
     let weights = (inp * out).max(1) as f64;
     let code_bits: u64 = groups.iter().map(|g| g.rows * g.bits as u64).sum();
