@@ -56,7 +56,12 @@ const STAGING_BYTES: usize = 64 << 20;
 const STAGING_BUFFERS: usize = 4;
 const READ_THREADS: usize = 8;
 
-/// The fraction of `range` resident in the page cache.
+/// Pages of a range that [`resident_fraction`] asks `mincore` about at most.
+const RESIDENCY_SAMPLES: usize = 1024;
+
+/// The fraction of `range` resident in the page cache, from at most [`RESIDENCY_SAMPLES`]
+/// evenly spaced pages: asking about every page of a 5 GB shard took 40-55 ms on the H100
+/// machine, a quarter of the time its warm copy takes, for a yes/no decision (warm or cold).
 pub fn resident_fraction(range: &[u8]) -> f64 {
     if range.is_empty() {
         return 1.0;
@@ -64,15 +69,20 @@ pub fn resident_fraction(range: &[u8]) -> f64 {
     let start = range.as_ptr() as usize & !(PAGE - 1);
     let end = range.as_ptr() as usize + range.len();
     let pages = (end - start).div_ceil(PAGE);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: [start, start + pages·PAGE) covers pages of a live mapping (the caller's slice,
-    // rounded to page boundaries, which stay inside the mapping's pages); `vec` has one byte
-    // per page as mincore requires.
-    let r = unsafe { libc::mincore(start as *mut libc::c_void, pages * PAGE, vec.as_mut_ptr()) };
-    if r != 0 {
-        return 0.0;
+    let samples = pages.min(RESIDENCY_SAMPLES);
+    let mut resident = 0usize;
+    for k in 0..samples {
+        let page = start + k * pages / samples * PAGE;
+        let mut state = 0u8;
+        // SAFETY: `page` is the start of a page of the caller's slice (k·pages/samples <
+        // pages), inside a live mapping; `state` has the one byte mincore writes for one page.
+        let r = unsafe { libc::mincore(page as *mut libc::c_void, PAGE, &mut state) };
+        if r != 0 {
+            return 0.0;
+        }
+        resident += (state & 1) as usize;
     }
-    vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64
+    resident as f64 / samples as f64
 }
 
 /// Maps a page-cached range into this process's page tables up front (MADV_POPULATE_READ,
@@ -222,7 +232,15 @@ impl UploadEngine {
         if !any_cuda {
             return Ok(UploadPath::Host);
         }
+        let t0 = std::time::Instant::now();
         let warm = resident_fraction(&map[lo..hi]) >= 0.9;
+        if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
+            eprintln!(
+                "trace residency: {} MB checked in {:.1} ms",
+                (hi - lo) / 1_000_000,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
         if warm && self.allow_register {
             match self.upload_registered(map, pieces, lo, hi) {
                 Ok(()) => return Ok(UploadPath::Registered),
@@ -469,4 +487,47 @@ impl UploadEngine {
 
 fn alloc_ordinal(a: &DeviceAlloc) -> u32 {
     a.context_ordinal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn residency_is_sampled_evenly_over_the_range() {
+        let len = 64 << 20;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        // SAFETY: the mapping is `len` bytes long and lives until munmap below.
+        let range = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+        assert_eq!(
+            resident_fraction(range),
+            0.0,
+            "untouched pages are not resident"
+        );
+        // Touch the first quarter: the samples see a quarter.
+        for page in range[..len / 4].chunks_mut(PAGE) {
+            page[0] = 1;
+        }
+        let f = resident_fraction(range);
+        assert!((f - 0.25).abs() < 0.01, "{f}");
+        assert_eq!(resident_fraction(&range[..len / 4]), 1.0);
+        // A range shorter than the sample count is checked page by page.
+        assert_eq!(
+            resident_fraction(&range[len / 4 - 3 * PAGE..len / 4 + PAGE]),
+            0.75
+        );
+        // SAFETY: `ptr` came from mmap with this length; `range` is not used after.
+        unsafe { libc::munmap(ptr, len) };
+    }
 }

@@ -263,7 +263,9 @@ pub fn load(
     let mut files = Vec::new();
     let mut per_device_bytes: HashMap<Device, u64> = HashMap::new();
     let copy_started = Instant::now();
+    let trace = std::env::var_os("WEIGHTSMITH_TRACE").is_some();
     for (f, shard) in checkpoint.files().iter().enumerate() {
+        let file_started = Instant::now();
         let units = units_of_file(&layout, &plan, checkpoint.tensors(), f);
         progress(LoadProgress {
             bytes_done,
@@ -303,6 +305,13 @@ pub fn load(
                 message: e.to_string(),
             })?;
         files.push((shard.name.clone(), taken.name().to_string()));
+        if trace {
+            eprintln!(
+                "trace file {}: {:.1} ms in all",
+                shard.name,
+                file_started.elapsed().as_secs_f64() * 1e3
+            );
+        }
         bytes_done += pieces.iter().map(|p| p.len as u64).sum::<u64>();
     }
     progress(LoadProgress {
