@@ -15,6 +15,8 @@ use crate::{Error, Result};
 
 /// The PTX of `kernels/merge.cu` (PTX ISA 8.4, compute_75: JITs on drivers from CUDA 12.4).
 pub const MERGE_PTX: &str = include_str!("../ptx/merge.ptx");
+/// Rows per thread of `lora_merge_v8` (`WS_ROWS` in kernels/merge.cu).
+pub const MERGE_V8_ROWS: usize = 4;
 /// The PTX of `kernels/dequant.cu` (same target).
 pub const DEQUANT_PTX: &str = include_str!("../ptx/dequant.ptx");
 
@@ -303,17 +305,17 @@ impl GpuMerger {
             KernelArg::I64(cols as i64),
             KernelArg::I64(first_row as i64),
         ];
-        // Eight columns per thread with 16-byte accesses where the layout allows
-        // (kernels/merge.cu: lora_merge_v8), else one.
+        // Eight columns and MERGE_V8_ROWS rows per thread with 16-byte accesses where the
+        // layout allows (kernels/merge.cu: lora_merge_v8), else one element.
         let vector = size == 2 && cols % 8 == 0;
-        let (kernel, per_thread) = if vector {
-            ("lora_merge_v8", 8)
+        let (kernel, per_thread, rows_per_thread) = if vector {
+            ("lora_merge_v8", 8, MERGE_V8_ROWS)
         } else {
-            ("lora_merge", 1)
+            ("lora_merge", 1, 1)
         };
         let grid = (
             (cols.div_ceil(per_thread) as u32).div_ceil(256),
-            (rows as u32).clamp(1, 65535),
+            (rows.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
             1,
         );
         let staged_out = &mut pin_out.as_mut_slice()[..out.len()];

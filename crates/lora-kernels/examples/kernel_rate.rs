@@ -1,0 +1,99 @@
+//! The merge kernel's own rate on a GPU, with no host copies: `lora_merge_v8` over a
+//! device-resident 16-bit weight, launched back to back, timed from the first launch to the
+//! synchronisation after the last. Bytes counted: W read + W' written (the LoRA factors are a
+//! few MB and stay in L2).
+//!
+//!     cargo run --release -p lora-kernels --example kernel_rate -- [ROWS COLS RANK ROWS_PER_LAUNCH]
+//!
+//! Default: a Llama-3-8B MLP weight, 14336 × 4096 BF16, r = 16, the whole tensor per launch;
+//! `scripts/device-kernel-rate.sh` runs it beside torch's device copy (the memory ceiling) and
+//! torch's `addmm` merge on the same shape.
+
+use std::time::Instant;
+
+use gpu_mem::cuda::{Context, DeviceAlloc, KernelArg, Module, Stream};
+use lora_kernels::gpu::{MERGE_PTX, MERGE_V8_ROWS};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let arg = |i: usize, default: usize| args.get(i).copied().unwrap_or(default);
+    let (rows, cols, rank) = (arg(0, 14336), arg(1, 4096), arg(2, 16));
+    let per_launch = arg(3, rows).clamp(1, rows);
+    if !gpu_mem::cuda::driver_available() || gpu_mem::cuda::device_count() == 0 {
+        return Err("no CUDA device".into());
+    }
+    let ctx = Context::new(0)?;
+    let module = Module::load_ptx(&ctx, MERGE_PTX)?;
+    let stream = Stream::new(&ctx)?;
+    let fill = |bytes: usize, f: &dyn Fn(usize) -> u8| -> Result<DeviceAlloc, gpu_mem::Error> {
+        let host: Vec<u8> = (0..bytes).map(f).collect();
+        let a = DeviceAlloc::new(&ctx, bytes)?;
+        // SAFETY: `host` lives until the synchronisation below.
+        unsafe { a.copy_from_host_async(0, &host, &stream)? };
+        stream.synchronize()?;
+        Ok(a)
+    };
+    // BF16 weights near 0.02 and f32 factors near 0.01 (no zero in `left`: zero terms are
+    // skipped by the kernel, which would flatter it).
+    let w = fill(rows * cols * 2, &|i| if i % 2 == 0 { 0x23 } else { 0x3c })?;
+    let f32_bytes = 0.01f32.to_le_bytes();
+    let left = fill(rows * rank * 4, &|i| f32_bytes[i % 4])?;
+    let right = fill(rank * cols * 4, &|i| f32_bytes[i % 4])?;
+    let out = DeviceAlloc::new(&ctx, rows * cols * 2)?;
+    let launch = |first: usize, n: usize| -> Result<(), gpu_mem::Error> {
+        let offset = (first * cols * 2) as u64;
+        let args = [
+            KernelArg::Ptr(w.device_ptr() + offset),
+            KernelArg::I32(0),
+            KernelArg::Ptr(left.device_ptr()),
+            KernelArg::Ptr(right.device_ptr()),
+            KernelArg::I32(rank as i32),
+            KernelArg::Ptr(0),
+            KernelArg::I32(0),
+            KernelArg::Ptr(out.device_ptr() + offset),
+            KernelArg::I32(0),
+            KernelArg::I64(n as i64),
+            KernelArg::I64(cols as i64),
+            KernelArg::I64(first as i64),
+        ];
+        let grid = (
+            ((cols / 8) as u32).div_ceil(256),
+            (n.div_ceil(MERGE_V8_ROWS) as u32).clamp(1, 65535),
+            1,
+        );
+        // SAFETY: the arguments match lora_merge_v8 (kernels/merge.cu); W and out hold rows ×
+        // cols BF16 values, left rows × rank and right rank × cols f32; cols % 8 == 0.
+        unsafe { module.launch("lora_merge_v8", grid, (256, 1, 1), &stream, &args) }
+    };
+    if cols % 8 != 0 {
+        return Err("cols must be a multiple of 8 for lora_merge_v8".into());
+    }
+    let pass = || -> Result<(), gpu_mem::Error> {
+        let mut first = 0;
+        while first < rows {
+            let n = per_launch.min(rows - first);
+            launch(first, n)?;
+            first += n;
+        }
+        Ok(())
+    };
+    pass()?;
+    stream.synchronize()?;
+    let iterations = 50;
+    let started = Instant::now();
+    for _ in 0..iterations {
+        pass()?;
+    }
+    stream.synchronize()?;
+    let seconds = started.elapsed().as_secs_f64() / iterations as f64;
+    let bytes = (rows * cols * 2 * 2) as f64;
+    println!(
+        "{{\"label\": \"weightsmith-lora_merge_v8\", \"rows\": {rows}, \"cols\": {cols}, \"rank\": {rank}, \"rows_per_launch\": {per_launch}, \"ms\": {:.3}, \"gb_per_s\": {:.1}}}",
+        seconds * 1e3,
+        bytes / seconds / 1e9
+    );
+    Ok(())
+}
