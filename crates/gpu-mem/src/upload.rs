@@ -154,6 +154,8 @@ pub struct UploadEngine {
     )>,
     /// Disable the registered path (for measurements of the others).
     pub allow_register: bool,
+    /// Registrations whose copies may still be running (see [`UploadEngine::flush`]).
+    in_flight: Vec<HostRegion>,
 }
 
 impl UploadEngine {
@@ -174,6 +176,7 @@ impl UploadEngine {
             staging: Vec::new(),
             releaser: Some((tx, releaser)),
             allow_register: true,
+            in_flight: Vec::new(),
         })
     }
 
@@ -207,7 +210,10 @@ impl UploadEngine {
     }
 
     /// Copies `pieces` (sorted by offset, inside `map`, the whole mapped file) to their
-    /// destinations. Returns the path taken. On return every copy has completed.
+    /// destinations. Returns the path taken. On return every copy has completed except those
+    /// of the registered path, which drain while the next file is set up: call
+    /// [`UploadEngine::flush`] before using the destinations, and keep `map` and the
+    /// destinations alive until then.
     pub fn upload(
         &mut self,
         file: &File,
@@ -374,9 +380,30 @@ impl UploadEngine {
             Ok(())
         });
         let enqueued = started.elapsed();
-        let synced = self.sync_all();
-        let all = started.elapsed();
-        // Every copy from these regions has completed: unregister them in the background.
+        if result.is_err() {
+            // Nothing may still read these regions when they are unregistered.
+            let synced = self.sync_all();
+            self.release(regions);
+            return result.and(synced);
+        }
+        // The copies drain while the caller goes on to the next file; `flush` waits for them
+        // and then unregisters these regions.
+        self.in_flight.extend(regions);
+        if trace {
+            let ms = |ns: u64| ns as f64 / 1e6;
+            eprintln!(
+                "trace registered: {} MB, {} chunks, populate {:.0} ms + register {:.0} ms (thread sum), main waited {:.0} ms, enqueued at {:.0} ms",
+                (hi - lo) / 1_000_000, chunks.len(),
+                ms(populate_ns.load(std::sync::atomic::Ordering::Relaxed)),
+                ms(register_ns.load(std::sync::atomic::Ordering::Relaxed)),
+                ms(wait_ns), enqueued.as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    }
+
+    /// Unregisters regions in the background (no copy may still read them).
+    fn release(&self, regions: Vec<HostRegion>) {
         match &self.releaser {
             Some((tx, _)) => {
                 if let Err(back) = tx.send(regions) {
@@ -385,17 +412,17 @@ impl UploadEngine {
             }
             None => drop(regions),
         }
-        if trace {
-            let ms = |ns: u64| ns as f64 / 1e6;
-            eprintln!(
-                "trace registered: {} MB, {} chunks, populate {:.0} ms + register {:.0} ms (thread sum), main waited {:.0} ms, enqueued at {:.0} ms, synced at {:.0} ms, handed back at {:.0} ms",
-                (hi - lo) / 1_000_000, chunks.len(),
-                ms(populate_ns.load(std::sync::atomic::Ordering::Relaxed)),
-                ms(register_ns.load(std::sync::atomic::Ordering::Relaxed)),
-                ms(wait_ns), enqueued.as_secs_f64() * 1e3, all.as_secs_f64() * 1e3, started.elapsed().as_secs_f64() * 1e3
-            );
+    }
+
+    /// Waits for every copy still running (those from registered files) and then releases
+    /// their registrations.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        let synced = self.sync_all();
+        if synced.is_ok() {
+            let regions = std::mem::take(&mut self.in_flight);
+            self.release(regions);
         }
-        result.and(synced)
+        synced
     }
 
     fn upload_pinned(
@@ -468,6 +495,11 @@ impl UploadEngine {
 
 impl Drop for UploadEngine {
     fn drop(&mut self) {
+        // Registrations still read by copies are released only once those copies are done;
+        // if the device cannot say so, they are kept (leaked) rather than pulled from under it.
+        if !self.in_flight.is_empty() && self.flush().is_err() {
+            std::mem::forget(std::mem::take(&mut self.in_flight));
+        }
         if let Some((tx, handle)) = self.releaser.take() {
             drop(tx);
             let _ = handle.join();
@@ -476,8 +508,11 @@ impl Drop for UploadEngine {
 }
 
 impl UploadEngine {
-    /// Waits until every registration is released.
+    /// Waits for the copies still running, then until every registration is released.
     pub fn finish(mut self) {
+        if !self.in_flight.is_empty() && self.flush().is_err() {
+            std::mem::forget(std::mem::take(&mut self.in_flight));
+        }
         if let Some((tx, handle)) = self.releaser.take() {
             drop(tx);
             let _ = handle.join();

@@ -322,6 +322,11 @@ pub fn load(
     });
     // Every byte is on its device now; releasing the host registrations is cleanup, counted
     // in the load's total time but not in the copy rate.
+    engine.flush().map_err(|e| Error::Load {
+        unit: "all files".into(),
+        device: "all".into(),
+        message: e.to_string(),
+    })?;
     let copy_seconds = copy_started.elapsed().as_secs_f64();
     engine.finish();
     let verified_tensors = if options.verify {
