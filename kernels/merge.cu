@@ -12,6 +12,28 @@
 // gridDim.y. `base` and `out` hold the block of `rows` rows starting at stored row
 // `first_row`; `left` is indexed by the stored row within the whole tensor.
 
+// F16 conversions through the PTX instructions on the device; compiled for the host (the
+// kernels' host emulation in lora-kernels' tests) they come from that test's shim.
+__device__ __forceinline__ float ws_f16_to_f32(unsigned short h) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return ws_host_f16_to_f32(h);
+#endif
+}
+
+__device__ __forceinline__ unsigned short ws_f32_to_f16(float v) {
+#ifdef __CUDA_ARCH__
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+#else
+    return ws_host_f32_to_f16(v);
+#endif
+}
+
 extern "C" __device__ float ws_load(const void* base, int kind, long long i) {
     if (kind == 2) {
         return ((const float*)base)[i];
@@ -20,25 +42,19 @@ extern "C" __device__ float ws_load(const void* base, int kind, long long i) {
     if (kind == 0) {
         return __int_as_float(((unsigned int)h) << 16);
     }
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
+    return ws_f16_to_f32(h);
 }
 
 __device__ __forceinline__ float ws_decode16(unsigned short h, int kind) {
     if (kind == 0) {
         return __int_as_float(((unsigned int)h) << 16);
     }
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
+    return ws_f16_to_f32(h);
 }
 
 extern "C" __device__ unsigned short ws_round16(float v, int kind) {
     if (kind == 1) {
-        unsigned short h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        return h;
+        return ws_f32_to_f16(v);
     }
     unsigned int bits = __float_as_uint(v);
     if ((bits & 0x7fffffffu) > 0x7f800000u) {
@@ -84,10 +100,16 @@ extern "C" __global__ void lora_merge(
 // them (loading it once per row made the kernel bound by those loads: 830 GB/s at r = 16 and
 // 230 GB/s at r = 64 on an H100, against 2.9 TB/s for a plain copy). Each element still sums
 // its terms in j order, one multiply and one add each, skipping zero `left` values: the bits
-// are those of lora_merge. For 16-bit W with cols % 8 == 0.
+// are those of lora_merge. Full row groups of a rank divisible by 4 take four terms per step
+// (one 16-byte load of each row's `left` values, all four runs of `right` in flight together,
+// where one dependent load per term left the loop waiting on latency). Not yet timed on a GPU:
+// scripts/device-load-probe.sh compares it with the one-term-per-step PTX of dfc90ce. For
+// 16-bit W with cols % 8 == 0; `left` 16-byte aligned (its own allocation).
 // Launch: block (256), grid (ceil(cols / 8 / 256), min(ceil(rows / WS_ROWS), 65535)); row
 // groups are strided by gridDim.y.
+#ifndef WS_ROWS
 #define WS_ROWS 4
+#endif
 
 __device__ __forceinline__ void ws_unpack8(uint4 w, int kind, float* acc) {
     unsigned short h[8];
@@ -136,7 +158,54 @@ extern "C" __global__ void lora_merge_v8(
             }
         }
         if (left != 0) {
-            for (int j = 0; j < rank; ++j) {
+            int j = 0;
+            if (n == WS_ROWS && (rank & 3) == 0) {
+                // Four terms at a time: each row's four `left` values in one 16-byte load,
+                // the four runs of `right` loaded together, so the loads of a step are in
+                // flight at once instead of one dependent load per term. Rows whose four
+                // values are all non-zero (the usual case) add them without a test each.
+                const float* lp = left + (first_row + r0) * rank;
+                for (; j < rank; j += 4) {
+                    float4 lv[WS_ROWS];
+#pragma unroll
+                    for (int k = 0; k < WS_ROWS; ++k) {
+                        lv[k] = *(const float4*)(lp + (long long)k * rank + j);
+                    }
+                    float rv[4][8];
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const float4* rj = (const float4*)(right + (long long)(j + q) * cols + c);
+                        float4 a = rj[0];
+                        float4 b = rj[1];
+                        rv[q][0] = a.x; rv[q][1] = a.y; rv[q][2] = a.z; rv[q][3] = a.w;
+                        rv[q][4] = b.x; rv[q][5] = b.y; rv[q][6] = b.z; rv[q][7] = b.w;
+                    }
+#pragma unroll
+                    for (int k = 0; k < WS_ROWS; ++k) {
+                        float l[4] = {lv[k].x, lv[k].y, lv[k].z, lv[k].w};
+                        if (l[0] != 0.0f && l[1] != 0.0f && l[2] != 0.0f && l[3] != 0.0f) {
+#pragma unroll
+                            for (int q = 0; q < 4; ++q) {
+#pragma unroll
+                                for (int e = 0; e < 8; ++e) {
+                                    acc[k][e] = __fadd_rn(acc[k][e], __fmul_rn(l[q], rv[q][e]));
+                                }
+                            }
+                        } else {
+#pragma unroll
+                            for (int q = 0; q < 4; ++q) {
+                                if (l[q] != 0.0f) {
+#pragma unroll
+                                    for (int e = 0; e < 8; ++e) {
+                                        acc[k][e] = __fadd_rn(acc[k][e], __fmul_rn(l[q], rv[q][e]));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for (; j < rank; ++j) {
                 const float4* rj = (const float4*)(right + (long long)j * cols + c);
                 float4 a = rj[0];
                 float4 b = rj[1];

@@ -4,8 +4,9 @@
 //! 1. `registered`: the file is in the page cache (`mincore`), so its mapping is registered
 //!    with the driver (read-only, 1 GiB at a time) and copied straight from, on two streams per
 //!    device; registering the next chunk overlaps the copies of this one.
-//! 2. `pinned`: the file is cold, so parallel `pread`s fill pinned staging buffers that are
-//!    copied on alternate streams; direct copies from a cold mapping would fault page by page.
+//! 2. `pinned`: the file is cold, so reader threads each `pread` the next window of the file
+//!    into one of their two pinned buffers and copy it on that buffer's stream; direct copies
+//!    from a cold mapping would fault page by page.
 //! 3. `pageable`: plain copies from the mapping, when neither of the above can be set up.
 //! 4. `host`: destinations in host memory: parallel `pread`s straight into them.
 
@@ -34,6 +35,8 @@ pub struct Piece<'a> {
 pub enum UploadPath {
     Registered,
     Pinned,
+    /// A warm file partly registered, partly staged ([`StagingConfig::warm_staged_percent`]).
+    Mixed,
     Pageable,
     Host,
 }
@@ -43,6 +46,7 @@ impl UploadPath {
         match self {
             UploadPath::Registered => "registered",
             UploadPath::Pinned => "pinned",
+            UploadPath::Mixed => "registered+pinned",
             UploadPath::Pageable => "pageable",
             UploadPath::Host => "host",
         }
@@ -52,8 +56,6 @@ impl UploadPath {
 const PAGE: usize = 4096;
 const REGISTER_CHUNK: usize = 512 << 20;
 const REGISTER_THREADS: usize = 2;
-const STAGING_BYTES: usize = 64 << 20;
-const STAGING_BUFFERS: usize = 4;
 const READ_THREADS: usize = 8;
 
 /// Pages of a range that [`resident_fraction`] asks `mincore` about at most.
@@ -154,6 +156,10 @@ pub struct UploadEngine {
     )>,
     /// Disable the registered path (for measurements of the others).
     pub allow_register: bool,
+    /// The shape of the staged path.
+    pub staging_config: StagingConfig,
+    /// The staged path's streams, two per worker, on each device.
+    staging_streams: Vec<(u32, Vec<Stream>)>,
     /// Registrations whose copies may still be running (see [`UploadEngine::flush`]).
     in_flight: Vec<HostRegion>,
 }
@@ -176,20 +182,14 @@ impl UploadEngine {
             staging: Vec::new(),
             releaser: Some((tx, releaser)),
             allow_register: true,
+            staging_config: StagingConfig::from_env(),
+            staging_streams: contexts.iter().map(|c| (c.ordinal, Vec::new())).collect(),
             in_flight: Vec::new(),
         })
     }
 
     fn stream_for(&self, alloc: &DeviceAlloc, k: usize) -> Result<&Stream, Error> {
-        let ordinal = alloc_ordinal(alloc);
-        self.streams
-            .iter()
-            .find(|(o, _)| *o == ordinal)
-            .map(|(_, s)| &s[k % s.len()])
-            .ok_or(Error::Cuda {
-                call: "stream lookup",
-                code: format!("no stream for cuda:{ordinal}"),
-            })
+        stream_for(&self.streams, alloc, k)
     }
 
     /// A context to allocate portable host memory and registrations with.
@@ -247,6 +247,10 @@ impl UploadEngine {
                 t0.elapsed().as_secs_f64() * 1e3
             );
         }
+        let share = self.staging_config.warm_staged_percent.min(100);
+        if warm && self.allow_register && share > 0 {
+            return self.upload_mixed(file, map, pieces, lo, hi, share);
+        }
         if warm && self.allow_register {
             match self.upload_registered(map, pieces, lo, hi) {
                 Ok(()) => return Ok(UploadPath::Registered),
@@ -292,114 +296,86 @@ impl UploadEngine {
         hi: usize,
     ) -> Result<(), Error> {
         let ctx = self.any_context()?;
-        let base = map.as_ptr() as usize;
-        let start = (base + lo) & !(PAGE - 1);
-        let end = (base + hi).div_ceil(PAGE) * PAGE;
-        // Registration covers whole pages; the last page may extend past the mapping's length
-        // but not past its last page, which the kernel mapped.
-        let map_end_page = (base + map.len()).div_ceil(PAGE) * PAGE;
-        let chunks: Vec<(usize, usize)> = (start..end)
-            .step_by(REGISTER_CHUNK)
-            .map(|s| (s, (s + REGISTER_CHUNK).min(end).min(map_end_page)))
-            .collect();
-        let mut regions = Vec::with_capacity(chunks.len());
-        let mut k = 0;
-        // Two threads register alternate chunks ahead of the copies (pinning pages is CPU
-        // work that would otherwise stall the DMA); this thread enqueues each chunk's copies
-        // as soon as it is registered.
-        let trace = std::env::var_os("WEIGHTSMITH_TRACE").is_some();
-        let started = std::time::Instant::now();
-        let populate_ns = std::sync::atomic::AtomicU64::new(0);
-        let register_ns = std::sync::atomic::AtomicU64::new(0);
-        let mut wait_ns = 0u64;
-        let result = std::thread::scope(|scope| -> Result<(), Error> {
-            let (populate_ns, register_ns) = (&populate_ns, &register_ns);
-            let mut receivers = Vec::new();
-            for t in 0..REGISTER_THREADS {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<HostRegion, Error>>(1);
-                let mine: Vec<(usize, usize)> = chunks
-                    .iter()
-                    .copied()
-                    .skip(t)
-                    .step_by(REGISTER_THREADS)
-                    .collect();
-                let ctx = ctx.clone();
-                scope.spawn(move || {
-                    for (s, e) in mine {
-                        // SAFETY: [s, e) lies in `map`'s pages, which stay mapped for this
-                        // call; regions are dropped (unregistered) after every stream is
-                        // synchronised below.
-                        let range = unsafe { std::slice::from_raw_parts(s as *const u8, e - s) };
-                        let t0 = std::time::Instant::now();
-                        populate(range);
-                        let t1 = std::time::Instant::now();
-                        let r = unsafe { HostRegion::register(&ctx, range) };
-                        populate_ns.fetch_add(
-                            (t1 - t0).as_nanos() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        register_ns.fetch_add(
-                            t1.elapsed().as_nanos() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        let failed = r.is_err();
-                        if tx.send(r).is_err() || failed {
-                            break;
-                        }
-                    }
-                });
-                receivers.push(rx);
-            }
-            for (i, &(chunk_start, chunk_end)) in chunks.iter().enumerate() {
-                let waited = std::time::Instant::now();
-                let region =
-                    receivers[i % REGISTER_THREADS]
-                        .recv()
-                        .map_err(|_| Error::Cuda {
-                            call: "cuMemHostRegister",
-                            code: "registration thread ended".into(),
-                        })??;
-                wait_ns += waited.elapsed().as_nanos() as u64;
-                regions.push(region);
-                for p in pieces {
-                    let (ps, pe) = (base + p.offset as usize, base + p.offset as usize + p.len);
-                    let (s, e) = (ps.max(chunk_start), pe.min(chunk_end));
-                    if s >= e {
-                        continue;
-                    }
-                    if let Dst::Cuda(a) = &p.dst {
-                        let stream = self.stream_for(a, k)?;
-                        k += 1;
-                        let src = &map[s - base..e - base];
-                        // SAFETY: `src` is registered and stays so until the streams are
-                        // synchronised at the end of this function.
-                        unsafe { a.copy_from_host_async(s - ps, src, stream)? };
-                    }
-                }
-            }
-            Ok(())
-        });
-        let enqueued = started.elapsed();
+        let (regions, result) = register_and_copy(&self.streams, &ctx, map, pieces, lo, hi);
+        self.settle(regions, result)
+    }
+
+    /// After a registered copy: on success its regions wait in `in_flight` while the copies
+    /// drain; on failure every stream is synchronised (nothing may still read the regions)
+    /// and they are released.
+    fn settle(&mut self, regions: Vec<HostRegion>, result: Result<(), Error>) -> Result<(), Error> {
         if result.is_err() {
-            // Nothing may still read these regions when they are unregistered.
             let synced = self.sync_all();
             self.release(regions);
             return result.and(synced);
         }
-        // The copies drain while the caller goes on to the next file; `flush` waits for them
-        // and then unregisters these regions.
         self.in_flight.extend(regions);
-        if trace {
-            let ms = |ns: u64| ns as f64 / 1e6;
-            eprintln!(
-                "trace registered: {} MB, {} chunks, populate {:.0} ms + register {:.0} ms (thread sum), main waited {:.0} ms, enqueued at {:.0} ms",
-                (hi - lo) / 1_000_000, chunks.len(),
-                ms(populate_ns.load(std::sync::atomic::Ordering::Relaxed)),
-                ms(register_ns.load(std::sync::atomic::Ordering::Relaxed)),
-                ms(wait_ns), enqueued.as_secs_f64() * 1e3
-            );
-        }
         Ok(())
+    }
+
+    /// A warm file split in two at a page boundary: the first `100 - staged_percent` % is
+    /// registered and copied from while staging threads copy the rest, so the two paths'
+    /// CPU work (pinning pages; reading from the page cache) runs side by side. A registration
+    /// the driver refuses sends its part through staging as well.
+    fn upload_mixed(
+        &mut self,
+        file: &File,
+        map: &[u8],
+        pieces: &[Piece],
+        lo: usize,
+        hi: usize,
+        staged_percent: u32,
+    ) -> Result<UploadPath, Error> {
+        let ctx = self.any_context()?;
+        self.prepare_staging()?;
+        let registered_bytes = (hi - lo) as u128 * (100 - staged_percent as u128) / 100;
+        // `map` starts on a page, so a multiple of the page size from its start is a page
+        // boundary: the registered chunks end exactly where staging begins.
+        let mid = ((lo + registered_bytes as usize) / PAGE * PAGE).clamp(lo, hi);
+        let config = self.staging_config;
+        let (streams, staging, staging_streams) =
+            (&self.streams, &mut self.staging, &self.staging_streams);
+        let ((regions, registered), staged) = std::thread::scope(|scope| {
+            let registering =
+                scope.spawn(|| register_and_copy(streams, &ctx, map, pieces, lo, mid));
+            let staged = stage(staging, staging_streams, config, file, pieces, mid, hi);
+            let registered = registering.join().unwrap_or_else(|_| {
+                (
+                    Vec::new(),
+                    Err(Error::Cuda {
+                        call: "cuMemHostRegister",
+                        code: "registration thread panicked".into(),
+                    }),
+                )
+            });
+            (registered, staged)
+        });
+        let refused = matches!(
+            registered,
+            Err(Error::Cuda {
+                call: "cuMemHostRegister",
+                ..
+            })
+        );
+        if refused {
+            self.settle(regions, Ok(()))?;
+            self.flush()?;
+            staged?;
+            let config = self.staging_config;
+            stage(
+                &mut self.staging,
+                &self.staging_streams,
+                config,
+                file,
+                pieces,
+                lo,
+                mid,
+            )?;
+            return Ok(UploadPath::Pinned);
+        }
+        self.settle(regions, registered)?;
+        staged?;
+        Ok(UploadPath::Mixed)
     }
 
     /// Unregisters regions in the background (no copy may still read them).
@@ -425,6 +401,11 @@ impl UploadEngine {
         synced
     }
 
+    /// The staged path: [`StagingConfig::workers`] threads each take the next window of the
+    /// file, `pread` it into one of their two pinned buffers and enqueue its copies on that
+    /// buffer's own stream, so reads of some windows overlap the copies of others with no
+    /// barrier between windows (a barrier per window left the reads of the slowest thread
+    /// in every window on the critical path).
     fn upload_pinned(
         &mut self,
         file: &File,
@@ -432,65 +413,249 @@ impl UploadEngine {
         lo: usize,
         hi: usize,
     ) -> Result<(), Error> {
+        self.prepare_staging()?;
+        let config = self.staging_config;
+        stage(
+            &mut self.staging,
+            &self.staging_streams,
+            config,
+            file,
+            pieces,
+            lo,
+            hi,
+        )
+    }
+
+    /// Allocates the staged path's pinned buffers (two per worker) and streams (two per worker
+    /// on every device) that are not there yet.
+    fn prepare_staging(&mut self) -> Result<(), Error> {
         let ctx = self.any_context()?;
-        while self.staging.len() < STAGING_BUFFERS {
-            self.staging.push(PinnedBuffer::new(&ctx, STAGING_BYTES)?);
+        let StagingConfig {
+            workers,
+            window_bytes,
+            ..
+        } = self.staging_config;
+        if self
+            .staging
+            .first()
+            .is_some_and(|b| b.as_slice().len() != window_bytes)
+        {
+            self.staging.clear();
         }
-        advise(file, lo, hi - lo, libc::POSIX_FADV_SEQUENTIAL);
-        // Which streams each staging buffer was last copied on.
-        let mut pending: Vec<Vec<(usize, usize)>> = vec![Vec::new(); STAGING_BUFFERS];
-        let mut window = lo;
-        let mut k = 0;
-        while window < hi {
-            let b = k % STAGING_BUFFERS;
-            for &(d, s) in &pending[b] {
-                self.streams[d].1[s].synchronize()?;
+        while self.staging.len() < 2 * workers {
+            self.staging.push(PinnedBuffer::new(&ctx, window_bytes)?);
+        }
+        for (ordinal, streams) in &mut self.staging_streams {
+            while streams.len() < 2 * workers {
+                let c = self
+                    .streams
+                    .iter()
+                    .find(|(o, _)| o == ordinal)
+                    .map(|(_, s)| s[0].context().clone())
+                    .ok_or(Error::NoDriver)?;
+                streams.push(Stream::new(&c)?);
             }
-            pending[b].clear();
-            let n = STAGING_BYTES.min(hi - window);
-            // Keep the disk busy while this window is copied: ask the kernel to read the next
-            // two windows ahead (a hint; errors are ignored).
-            advise(
-                file,
-                window + n,
-                2 * STAGING_BYTES,
-                libc::POSIX_FADV_WILLNEED,
-            );
-            {
-                let buf = &mut self.staging[b].as_mut_slice()[..n];
-                parallel_read(file, window as u64, buf).map_err(|e| Error::Read {
-                    offset: window as u64,
+        }
+        Ok(())
+    }
+}
+
+/// The staged path: [`StagingConfig::workers`] threads each take the next window of `[lo, hi)`,
+/// `pread` it into one of their two pinned buffers and enqueue its copies on that buffer's own
+/// stream, so reads of some windows overlap the copies of others with no barrier between
+/// windows (a barrier per window put the slowest read of every window on the critical path).
+/// Returns once every copy has completed.
+fn stage(
+    staging: &mut [PinnedBuffer],
+    device_streams: &[(u32, Vec<Stream>)],
+    config: StagingConfig,
+    file: &File,
+    pieces: &[Piece],
+    lo: usize,
+    hi: usize,
+) -> Result<(), Error> {
+    if lo >= hi {
+        return Ok(());
+    }
+    let StagingConfig {
+        workers,
+        window_bytes,
+        ..
+    } = config;
+    advise(file, lo, hi - lo, libc::POSIX_FADV_SEQUENTIAL);
+    let windows = (hi - lo).div_ceil(window_bytes);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<(), Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = staging[..2 * workers]
+            .chunks_mut(2)
+            .enumerate()
+            .map(|(w, buffers)| {
+                let next = &next;
+                scope.spawn(move || {
+                    let r = stage_worker(
+                        file,
+                        pieces,
+                        (lo, hi, window_bytes, windows),
+                        buffers,
+                        device_streams,
+                        w,
+                        next,
+                    );
+                    if r.is_err() {
+                        // The others stop taking windows; each still waits for its own
+                        // copies before returning, so no buffer is refilled under a copy.
+                        next.store(windows, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Read {
+                        offset: lo as u64,
+                        message: "a staging thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+    Ok(())
+}
+
+/// How the staged path ([`UploadPath::Pinned`]) is shaped: reader threads, and the size of each
+/// of their two pinned buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagingConfig {
+    pub workers: usize,
+    pub window_bytes: usize,
+    /// The share of a warm file, in percent, that is staged while the rest is registered
+    /// (0: warm files are registered whole).
+    pub warm_staged_percent: u32,
+}
+
+impl Default for StagingConfig {
+    fn default() -> Self {
+        StagingConfig {
+            workers: 8,
+            window_bytes: 32 << 20,
+            warm_staged_percent: 0,
+        }
+    }
+}
+
+impl StagingConfig {
+    /// The default, changed by `WEIGHTSMITH_STAGE_WORKERS`, `WEIGHTSMITH_STAGE_MB` and
+    /// `WEIGHTSMITH_WARM_STAGED_PERCENT` where they hold positive numbers (for measurements on
+    /// a new machine).
+    pub fn from_env() -> StagingConfig {
+        let mut c = StagingConfig::default();
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&v| v > 0)
+        };
+        if let Some(w) = var("WEIGHTSMITH_STAGE_WORKERS") {
+            c.workers = w.min(64);
+        }
+        if let Some(p) = var("WEIGHTSMITH_WARM_STAGED_PERCENT") {
+            c.warm_staged_percent = p.min(100) as u32;
+        }
+        if let Some(mb) = var("WEIGHTSMITH_STAGE_MB") {
+            c.window_bytes = (mb.min(1024) << 20).next_multiple_of(PAGE);
+        }
+        c
+    }
+}
+
+/// The parts of `pieces` (sorted by offset, not overlapping) that lie in the window
+/// `[start, start + n)` of the file: (index of the piece, offset in the piece, range in the
+/// window). Empty pieces have no parts.
+fn window_parts<'p>(
+    pieces: &'p [Piece],
+    start: usize,
+    n: usize,
+) -> impl Iterator<Item = (usize, usize, std::ops::Range<usize>)> + 'p {
+    let first = pieces.partition_point(|p| p.offset as usize + p.len <= start);
+    pieces[first..]
+        .iter()
+        .enumerate()
+        .map(move |(i, p)| (first + i, p.offset as usize, p.offset as usize + p.len))
+        .take_while(move |&(_, ps, _)| ps < start + n)
+        .filter_map(move |(k, ps, pe)| {
+            let (s, e) = (ps.max(start), pe.min(start + n));
+            (s < e).then(|| (k, s - ps, s - start..e - start))
+        })
+}
+
+/// One worker of the staged path: takes windows `next` hands out, fills buffer `turn % 2`
+/// once that buffer's earlier copies are done, and enqueues the copies of the pieces the window
+/// holds on that buffer's stream of each device. Returns once its copies have completed.
+fn stage_worker(
+    file: &File,
+    pieces: &[Piece],
+    (lo, hi, window_bytes, windows): (usize, usize, usize, usize),
+    buffers: &mut [PinnedBuffer],
+    device_streams: &[(u32, Vec<Stream>)],
+    worker: usize,
+    next: &std::sync::atomic::AtomicUsize,
+) -> Result<(), Error> {
+    // Which devices each buffer's last copies went to.
+    let mut pending: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+    let sync = |pending: &mut Vec<usize>, b: usize| -> Result<(), Error> {
+        for d in pending.drain(..) {
+            device_streams[d].1[2 * worker + b].synchronize()?;
+        }
+        Ok(())
+    };
+    let mut turn = 0;
+    let result = (|| -> Result<(), Error> {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= windows {
+                return Ok(());
+            }
+            let b = turn % 2;
+            turn += 1;
+            sync(&mut pending[b], b)?;
+            let start = lo + i * window_bytes;
+            let n = window_bytes.min(hi - start);
+            let buf = &mut buffers[b].as_mut_slice()[..n];
+            file.read_exact_at(buf, start as u64)
+                .map_err(|e| Error::Read {
+                    offset: start as u64,
                     message: e.to_string(),
                 })?;
-            }
-            for p in pieces {
-                let (ps, pe) = (p.offset as usize, p.offset as usize + p.len);
-                let (s, e) = (ps.max(window), pe.min(window + n));
-                if s >= e {
-                    continue;
-                }
+            let buf = &buffers[b].as_slice()[..n];
+            for (k, piece_offset, part) in window_parts(pieces, start, n) {
+                let p = &pieces[k];
                 if let Dst::Cuda(a) = &p.dst {
                     let ordinal = alloc_ordinal(a);
-                    let d = self
-                        .streams
+                    let d = device_streams
                         .iter()
                         .position(|(o, _)| *o == ordinal)
-                        .unwrap_or(0);
-                    let si = k % self.streams[d].1.len();
-                    let src = &self.staging[b].as_slice()[s - window..e - window];
-                    // SAFETY: the staging buffer is not refilled before this stream is
-                    // synchronised (pending list above), and all are synchronised at the end.
-                    unsafe { a.copy_from_host_async(s - ps, src, &self.streams[d].1[si])? };
-                    if !pending[b].contains(&(d, si)) {
-                        pending[b].push((d, si));
+                        .ok_or(Error::Cuda {
+                            call: "stream lookup",
+                            code: format!("no stream for cuda:{ordinal}"),
+                        })?;
+                    let stream = &device_streams[d].1[2 * worker + b];
+                    stream.context().bind()?;
+                    // SAFETY: buffer `b` is not refilled before this stream is synchronised
+                    // (`pending`), and every stream is synchronised before this returns.
+                    unsafe { a.copy_from_host_async(piece_offset, &buf[part], stream)? };
+                    if !pending[b].contains(&d) {
+                        pending[b].push(d);
                     }
                 }
             }
-            window += n;
-            k += 1;
         }
-        self.sync_all()
-    }
+    })();
+    let drained = sync(&mut pending[0], 0).and(sync(&mut pending[1], 1));
+    result.and(drained)
 }
 
 impl Drop for UploadEngine {
@@ -518,6 +683,137 @@ impl UploadEngine {
             let _ = handle.join();
         }
     }
+}
+
+/// Registers `[lo, hi)` of `map` chunk by chunk and enqueues each chunk's copies as soon as it
+/// is registered. Returns the regions registered so far with the outcome: on success the copies
+/// are still draining (the caller synchronises before releasing the regions).
+fn register_and_copy(
+    streams: &[(u32, Vec<Stream>)],
+    ctx: &Arc<Context>,
+    map: &[u8],
+    pieces: &[Piece],
+    lo: usize,
+    hi: usize,
+) -> (Vec<HostRegion>, Result<(), Error>) {
+    // This thread enqueues the copies.
+    if let Err(e) = ctx.bind() {
+        return (Vec::new(), Err(e));
+    }
+    let base = map.as_ptr() as usize;
+    let start = (base + lo) & !(PAGE - 1);
+    let end = (base + hi).div_ceil(PAGE) * PAGE;
+    // Registration covers whole pages; the last page may extend past the mapping's length
+    // but not past its last page, which the kernel mapped.
+    let map_end_page = (base + map.len()).div_ceil(PAGE) * PAGE;
+    let chunks: Vec<(usize, usize)> = (start..end)
+        .step_by(REGISTER_CHUNK)
+        .map(|s| (s, (s + REGISTER_CHUNK).min(end).min(map_end_page)))
+        .collect();
+    let mut regions = Vec::with_capacity(chunks.len());
+    let mut k = 0;
+    // Two threads register alternate chunks ahead of the copies (pinning pages is CPU
+    // work that would otherwise stall the DMA); this thread enqueues each chunk's copies
+    // as soon as it is registered.
+    let trace = std::env::var_os("WEIGHTSMITH_TRACE").is_some();
+    let started = std::time::Instant::now();
+    let populate_ns = std::sync::atomic::AtomicU64::new(0);
+    let register_ns = std::sync::atomic::AtomicU64::new(0);
+    let mut wait_ns = 0u64;
+    let result = std::thread::scope(|scope| -> Result<(), Error> {
+        let (populate_ns, register_ns) = (&populate_ns, &register_ns);
+        let mut receivers = Vec::new();
+        for t in 0..REGISTER_THREADS {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<HostRegion, Error>>(1);
+            let mine: Vec<(usize, usize)> = chunks
+                .iter()
+                .copied()
+                .skip(t)
+                .step_by(REGISTER_THREADS)
+                .collect();
+            let ctx = ctx.clone();
+            scope.spawn(move || {
+                for (s, e) in mine {
+                    // SAFETY: [s, e) lies in `map`'s pages, which stay mapped for this
+                    // call; regions are dropped (unregistered) after every stream is
+                    // synchronised below.
+                    let range = unsafe { std::slice::from_raw_parts(s as *const u8, e - s) };
+                    let t0 = std::time::Instant::now();
+                    populate(range);
+                    let t1 = std::time::Instant::now();
+                    let r = unsafe { HostRegion::register(&ctx, range) };
+                    populate_ns.fetch_add(
+                        (t1 - t0).as_nanos() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    register_ns.fetch_add(
+                        t1.elapsed().as_nanos() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            receivers.push(rx);
+        }
+        for (i, &(chunk_start, chunk_end)) in chunks.iter().enumerate() {
+            let waited = std::time::Instant::now();
+            let region = receivers[i % REGISTER_THREADS]
+                .recv()
+                .map_err(|_| Error::Cuda {
+                    call: "cuMemHostRegister",
+                    code: "registration thread ended".into(),
+                })??;
+            wait_ns += waited.elapsed().as_nanos() as u64;
+            regions.push(region);
+            for p in pieces {
+                let (ps, pe) = (base + p.offset as usize, base + p.offset as usize + p.len);
+                let (s, e) = (ps.max(chunk_start), pe.min(chunk_end));
+                if s >= e {
+                    continue;
+                }
+                if let Dst::Cuda(a) = &p.dst {
+                    let stream = stream_for(streams, a, k)?;
+                    k += 1;
+                    let src = &map[s - base..e - base];
+                    // SAFETY: `src` is registered and stays so until the streams are
+                    // synchronised at the end of this function.
+                    unsafe { a.copy_from_host_async(s - ps, src, stream)? };
+                }
+            }
+        }
+        Ok(())
+    });
+    let enqueued = started.elapsed();
+    if trace && result.is_ok() {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        eprintln!(
+            "trace registered: {} MB, {} chunks, populate {:.0} ms + register {:.0} ms (thread sum), main waited {:.0} ms, enqueued at {:.0} ms",
+            (hi - lo) / 1_000_000, chunks.len(),
+            ms(populate_ns.load(std::sync::atomic::Ordering::Relaxed)),
+            ms(register_ns.load(std::sync::atomic::Ordering::Relaxed)),
+            ms(wait_ns), enqueued.as_secs_f64() * 1e3
+        );
+    }
+    (regions, result)
+}
+
+fn stream_for<'s>(
+    streams: &'s [(u32, Vec<Stream>)],
+    alloc: &DeviceAlloc,
+    k: usize,
+) -> Result<&'s Stream, Error> {
+    let ordinal = alloc_ordinal(alloc);
+    streams
+        .iter()
+        .find(|(o, _)| *o == ordinal)
+        .map(|(_, s)| &s[k % s.len()])
+        .ok_or(Error::Cuda {
+            call: "stream lookup",
+            code: format!("no stream for cuda:{ordinal}"),
+        })
 }
 
 fn alloc_ordinal(a: &DeviceAlloc) -> u32 {
@@ -564,5 +860,186 @@ mod tests {
         );
         // SAFETY: `ptr` came from mmap with this length; `range` is not used after.
         unsafe { libc::munmap(ptr, len) };
+    }
+    /// Every device path (registered, staged, mixed, and the staged path with several
+    /// windows per piece and pieces per window) puts the same bytes where they belong. Needs a
+    /// GPU: without a driver it has nothing to test and returns (gpu-check runs it there).
+    #[test]
+    fn every_device_path_copies_each_piece_exactly() {
+        if !crate::cuda::driver_available() || crate::cuda::device_count() == 0 {
+            eprintln!("no CUDA device: nothing to test");
+            return;
+        }
+        let ctx = Context::new(0).unwrap();
+        let dir = std::env::temp_dir().join(format!("gpu-mem-upload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pieces.bin");
+        let len = (24 << 20) + 12_345;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        // SAFETY: a private read-only mapping of a file this test owns and does not change;
+        // unmapped at the end.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        // SAFETY: the mapping is `len` bytes and lives until munmap below.
+        let map = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+        // Pieces of odd sizes with gaps between them, the first not at offset 0, one empty.
+        let mut ranges = Vec::new();
+        let mut at = 3usize;
+        for n in [1usize, 4095, 0, 5 << 20, 777, 9 << 20, 123_457, 3 << 20] {
+            ranges.push((at, n));
+            at += n + 29;
+        }
+        ranges.push((at, len - at));
+        let configs = [
+            ("registered", true, StagingConfig::default()),
+            ("staged", false, StagingConfig::default()),
+            (
+                "staged, 1 MiB windows, 3 workers",
+                false,
+                StagingConfig {
+                    workers: 3,
+                    window_bytes: 1 << 20,
+                    warm_staged_percent: 0,
+                },
+            ),
+            (
+                "mixed",
+                true,
+                StagingConfig {
+                    workers: 2,
+                    window_bytes: 1 << 20,
+                    warm_staged_percent: 45,
+                },
+            ),
+        ];
+        for (label, register, config) in configs {
+            let allocs: Vec<DeviceAlloc> = ranges
+                .iter()
+                .map(|&(_, n)| DeviceAlloc::new(&ctx, n).unwrap())
+                .collect();
+            let mut engine = UploadEngine::new(std::slice::from_ref(&ctx)).unwrap();
+            engine.allow_register = register;
+            engine.staging_config = config;
+            let mut pieces: Vec<Piece> = ranges
+                .iter()
+                .zip(&allocs)
+                .map(|(&(offset, n), a)| Piece {
+                    offset: offset as u64,
+                    len: n,
+                    dst: Dst::Cuda(a),
+                })
+                .collect();
+            let path_taken = engine.upload(&file, map, &mut pieces).unwrap();
+            engine.flush().unwrap();
+            engine.finish();
+            for (&(offset, n), a) in ranges.iter().zip(&allocs) {
+                let mut back = vec![0u8; n];
+                a.copy_to_host(0, &mut back).unwrap();
+                assert!(
+                    back == bytes[offset..offset + n],
+                    "{label} ({}): piece at {offset} ({n} bytes) differs",
+                    path_taken.name()
+                );
+            }
+        }
+        // SAFETY: `ptr` came from mmap with this length; `map` is not used after.
+        unsafe { libc::munmap(ptr, len) };
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    /// The windows of the staged path, taken in any order, put every byte of every piece in
+    /// place exactly once, whatever the window size and the pieces' sizes, gaps and order.
+    #[test]
+    fn window_parts_cover_every_piece_exactly_once() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = |m: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % m as u64) as usize
+        };
+        for _ in 0..300 {
+            let count = 1 + rand(12);
+            let mut spans = Vec::new();
+            let mut at = rand(50);
+            for _ in 0..count {
+                let len = match rand(4) {
+                    0 => 0,
+                    1 => 1 + rand(8),
+                    _ => rand(5000),
+                };
+                spans.push((at, len));
+                at += len + rand(3) * rand(40);
+            }
+            let file: Vec<u8> = (0..at + 10).map(|i| (i * 131 % 251) as u8).collect();
+            let mut buffers: Vec<Vec<u8>> = spans.iter().map(|&(_, n)| vec![0u8; n]).collect();
+            let mut written: Vec<Vec<u8>> = spans.iter().map(|&(_, n)| vec![0u8; n]).collect();
+            let pieces: Vec<Piece> = spans
+                .iter()
+                .zip(buffers.iter_mut())
+                .map(|(&(offset, len), b)| Piece {
+                    offset: offset as u64,
+                    len,
+                    dst: Dst::Host(b.as_mut_slice()),
+                })
+                .collect();
+            let lo = spans[0].0;
+            let hi = spans.last().map_or(lo, |&(o, n)| o + n);
+            let window = 1 + rand(3000);
+            let windows = (hi - lo).div_ceil(window);
+            // Windows in a shuffled order, as workers take them.
+            let mut order: Vec<usize> = (0..windows).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rand(i + 1));
+            }
+            let mut copies = Vec::new();
+            for w in order {
+                let start = lo + w * window;
+                let n = window.min(hi - start);
+                for (k, piece_offset, part) in window_parts(&pieces, start, n) {
+                    copies.push((k, piece_offset, start + part.start, part.len()));
+                }
+            }
+            drop(pieces);
+            for (k, piece_offset, file_offset, len) in copies {
+                let dst = &mut written[k][piece_offset..piece_offset + len];
+                assert!(
+                    dst.iter().all(|&b| b == 0),
+                    "piece {k} written twice at {piece_offset}"
+                );
+                dst.copy_from_slice(&file[file_offset..file_offset + len]);
+                for b in dst.iter_mut() {
+                    *b = b.wrapping_add(1);
+                }
+            }
+            for (k, &(offset, len)) in spans.iter().enumerate() {
+                let want: Vec<u8> = file[offset..offset + len]
+                    .iter()
+                    .map(|b| b.wrapping_add(1))
+                    .collect();
+                assert_eq!(
+                    written[k], want,
+                    "piece {k} at {offset}, {len} bytes, windows of {window}"
+                );
+            }
+        }
     }
 }

@@ -8,6 +8,10 @@
 //! Default: a Llama-3-8B MLP weight, 14336 × 4096 BF16, r = 16, the whole tensor per launch;
 //! `scripts/device-kernel-rate.sh` runs it beside torch's device copy (the memory ceiling) and
 //! torch's `addmm` merge on the same shape.
+//!
+//! To compare a variant of the kernel without rebuilding: `WEIGHTSMITH_MERGE_PTX=FILE` loads
+//! that PTX instead of the embedded one, `WEIGHTSMITH_MERGE_ROWS=N` the rows per thread it was
+//! built for (`nvcc -ptx -arch=compute_75 -fmad=false -DWS_ROWS=N kernels/merge.cu`).
 
 use std::time::Instant;
 
@@ -26,7 +30,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("no CUDA device".into());
     }
     let ctx = Context::new(0)?;
-    let module = Module::load_ptx(&ctx, MERGE_PTX)?;
+    let (ptx, label) = match std::env::var("WEIGHTSMITH_MERGE_PTX") {
+        Ok(path) => (std::fs::read_to_string(&path)?, path),
+        Err(_) => (MERGE_PTX.to_string(), "embedded".to_string()),
+    };
+    let rows_per_thread = match std::env::var("WEIGHTSMITH_MERGE_ROWS") {
+        Ok(n) => n.parse::<usize>()?.max(1),
+        Err(_) => MERGE_V8_ROWS,
+    };
+    let module = Module::load_ptx(&ctx, &ptx)?;
     let stream = Stream::new(&ctx)?;
     let fill = |bytes: usize, f: &dyn Fn(usize) -> u8| -> Result<DeviceAlloc, gpu_mem::Error> {
         let host: Vec<u8> = (0..bytes).map(f).collect();
@@ -61,7 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ];
         let grid = (
             ((cols / 8) as u32).div_ceil(256),
-            (n.div_ceil(MERGE_V8_ROWS) as u32).clamp(1, 65535),
+            (n.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
             1,
         );
         // SAFETY: the arguments match lora_merge_v8 (kernels/merge.cu); W and out hold rows ×
@@ -91,7 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seconds = started.elapsed().as_secs_f64() / iterations as f64;
     let bytes = (rows * cols * 2 * 2) as f64;
     println!(
-        "{{\"label\": \"weightsmith-lora_merge_v8\", \"rows\": {rows}, \"cols\": {cols}, \"rank\": {rank}, \"rows_per_launch\": {per_launch}, \"ms\": {:.3}, \"gb_per_s\": {:.1}}}",
+        "{{\"label\": \"weightsmith-lora_merge_v8\", \"ptx\": \"{label}\", \"rows_per_thread\": {rows_per_thread}, \"rows\": {rows}, \"cols\": {cols}, \"rank\": {rank}, \"rows_per_launch\": {per_launch}, \"ms\": {:.3}, \"gb_per_s\": {:.1}}}",
         seconds * 1e3,
         bytes / seconds / 1e9
     );

@@ -20,6 +20,36 @@ pub const MERGE_V8_ROWS: usize = 4;
 /// The PTX of `kernels/dequant.cu` (same target).
 pub const DEQUANT_PTX: &str = include_str!("../ptx/dequant.ptx");
 
+/// Which merge kernel a block runs and its launch shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeLaunch {
+    pub kernel: &'static str,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+}
+
+/// The launch of a block of `rows` stored rows of `cols` columns whose base values are
+/// `base_elem_bytes` wide: eight columns and [`MERGE_V8_ROWS`] rows per thread with 16-byte
+/// accesses where the layout allows (`lora_merge_v8`), else one element (`lora_merge`). Row
+/// groups past the grid's 65535 are strided by the kernels themselves.
+pub fn merge_launch(base_elem_bytes: usize, rows: usize, cols: usize) -> MergeLaunch {
+    let vector = base_elem_bytes == 2 && cols % 8 == 0;
+    let (kernel, per_thread, rows_per_thread) = if vector {
+        ("lora_merge_v8", 8, MERGE_V8_ROWS)
+    } else {
+        ("lora_merge", 1, 1)
+    };
+    MergeLaunch {
+        kernel,
+        grid: (
+            (cols.div_ceil(per_thread) as u32).div_ceil(256),
+            (rows.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
+            1,
+        ),
+        block: (256, 1, 1),
+    }
+}
+
 fn gpu(e: gpu_mem::Error) -> Error {
     Error::Gpu {
         message: e.to_string(),
@@ -305,19 +335,11 @@ impl GpuMerger {
             KernelArg::I64(cols as i64),
             KernelArg::I64(first_row as i64),
         ];
-        // Eight columns and MERGE_V8_ROWS rows per thread with 16-byte accesses where the
-        // layout allows (kernels/merge.cu: lora_merge_v8), else one element.
-        let vector = size == 2 && cols % 8 == 0;
-        let (kernel, per_thread, rows_per_thread) = if vector {
-            ("lora_merge_v8", 8, MERGE_V8_ROWS)
-        } else {
-            ("lora_merge", 1, 1)
-        };
-        let grid = (
-            (cols.div_ceil(per_thread) as u32).div_ceil(256),
-            (rows.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
-            1,
-        );
+        let MergeLaunch {
+            kernel,
+            grid,
+            block,
+        } = merge_launch(size, rows, cols);
         let staged_out = &mut pin_out.as_mut_slice()[..out.len()];
         // SAFETY: the pinned buffers are neither read nor written by the host until the
         // synchronisation below; the arguments match `lora_merge`'s parameters
@@ -331,7 +353,7 @@ impl GpuMerger {
                 .map_err(gpu)?;
             t_h2d = lap(true)?;
             self.module
-                .launch(kernel, grid, (256, 1, 1), &self.stream, &args)
+                .launch(kernel, grid, block, &self.stream, &args)
                 .map_err(gpu)?;
             t_kernel = lap(true)?;
             d_out

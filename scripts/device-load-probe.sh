@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On the device machine, one call: which warm-load path is fastest there, and the merge
+# kernel's variants. Builds nothing: carry .bin (weightsmith, kernel_rate, tests).
+#   here:  bash scripts/gpu-check.sh --build && cargo build --release -p lora-kernels --example kernel_rate \
+#          && cp target/release/examples/kernel_rate .bin/ \
+#          && git show dfc90ce:crates/lora-kernels/ptx/merge.ptx > .bin/merge_prev.ptx   # one term per step
+#   there: bash scripts/device-load-probe.sh
+# Prints one JSON line per run: the registered path, the staged path at several worker counts and
+# window sizes, the mixed path at several shares, cold staged loads, Python preads alone (the
+# host ceiling of staging), the pinned-copy ceiling and safetensors in the same call.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; uname -r
+echo "== kernel variants"
+KR=.bin/kernel_rate
+if [ -x /usr/local/cuda/bin/nvcc ]; then
+  /usr/local/cuda/bin/nvcc -ptx -arch=compute_75 -fmad=false -DWS_ROWS=8 kernels/merge.cu -o /tmp/merge8.ptx || true
+fi
+for shape in "14336 4096" "4096 14336"; do
+  for rank in 16 64; do
+    $KR $shape $rank
+    [ -f .bin/merge_prev.ptx ] && WEIGHTSMITH_MERGE_PTX=.bin/merge_prev.ptx $KR $shape $rank
+    [ -f /tmp/merge8.ptx ] && WEIGHTSMITH_MERGE_PTX=/tmp/merge8.ptx WEIGHTSMITH_MERGE_ROWS=8 $KR $shape $rank
+  done
+done
+python3 scripts/kernel_rate_peer.py 14336 4096 16
+echo "== gpu-check"
+bash scripts/gpu-check.sh 2>&1 | grep -E "^==|test result|FAILED|panicked|gpu-check"
+echo "== cli_load with the staged and mixed paths forced"
+for t in .bin/tests/cli_load-*; do
+  WEIGHTSMITH_REPO=$PWD WEIGHTSMITH_BIN=$PWD/.bin/weightsmith "$t" --test-threads 1 2>&1 | grep "test result"
+  WEIGHTSMITH_WARM_STAGED_PERCENT=50 WEIGHTSMITH_STAGE_MB=1 WEIGHTSMITH_REPO=$PWD WEIGHTSMITH_BIN=$PWD/.bin/weightsmith "$t" --test-threads 1 2>&1 | grep "test result"
+done
+echo "== load"
+W=/tmp/wsload; rm -rf "$W"; mkdir -p "$W"
+python3 scripts/make_synthetic.py "$W" --preset 8b --rank 4 > /dev/null
+M="$W/base"
+cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+warm() { cat "$M"/*.safetensors > /dev/null; }
+ours() { .bin/weightsmith load "$M" --cache-seq-len 4096 --json "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'label': sys.argv[1], 'seconds': round(r['seconds'],3), 'copy_gb_per_s': round(r['gb_per_s'],2), 'files': sorted(set(p for _, p in r['files'])), 'verified': r['verified_tensors']}))" "$LABEL"; }
+warm
+python3 scripts/pread_probe.py "$M" 1 4 8 12 16
+python3 scripts/load_peers.py "$M" pinned pinned-copy-ceiling
+python3 scripts/load_peers.py "$M" safetensors safetensors-warm
+for i in 1 2 3; do LABEL=registered-$i ours; done
+for w in 8 12 16; do for mb in 16 32 64; do
+  LABEL=staged-w$w-${mb}MB WEIGHTSMITH_STAGE_WORKERS=$w WEIGHTSMITH_STAGE_MB=$mb ours --no-register
+done; done
+for p in 25 40 55; do for w in 8 12; do
+  LABEL=mixed-$p-w$w WEIGHTSMITH_WARM_STAGED_PERCENT=$p WEIGHTSMITH_STAGE_WORKERS=$w ours
+done; done
+LABEL=mixed-40-verify WEIGHTSMITH_WARM_STAGED_PERCENT=40 ours --verify
+LABEL=staged-verify ours --no-register --verify
+cold; LABEL=cold-staged-w8 ours
+cold; LABEL=cold-staged-w16 WEIGHTSMITH_STAGE_WORKERS=16 ours
+cold; python3 scripts/load_peers.py "$M" safetensors safetensors-cold
+rm -rf "$W"
+echo "device-load-probe: done"
