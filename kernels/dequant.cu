@@ -34,9 +34,13 @@ __device__ __forceinline__ float ws_scale(const void* scales, int kind, long lon
     if (kind == 0) {
         return __int_as_float(((unsigned int)h) << 16);
     }
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#else
+    return ws_host_f16_to_f32(h); // the host emulation's shim (lora-kernels' tests)
+#endif
 }
 
 extern "C" __global__ void gptq_dequant(

@@ -110,6 +110,14 @@ extern "C" __global__ void lora_merge(
 #ifndef WS_ROWS
 #define WS_ROWS 4
 #endif
+// One term: a multiply and an add, each rounded. -DWS_FMA_PROBE makes it one fused multiply-add
+// to measure what the bit-exact arithmetic costs (other bits than the CPU's: never built by
+// the xtask, only by scripts/device-load-probe.sh).
+#ifdef WS_FMA_PROBE
+#define WS_TERM(acc, l, r) __fmaf_rn((l), (r), (acc))
+#else
+#define WS_TERM(acc, l, r) __fadd_rn((acc), __fmul_rn((l), (r)))
+#endif
 
 __device__ __forceinline__ void ws_unpack8(uint4 w, int kind, float* acc) {
     unsigned short h[8];
@@ -188,7 +196,7 @@ extern "C" __global__ void lora_merge_v8(
                             for (int q = 0; q < 4; ++q) {
 #pragma unroll
                                 for (int e = 0; e < 8; ++e) {
-                                    acc[k][e] = __fadd_rn(acc[k][e], __fmul_rn(l[q], rv[q][e]));
+                                    acc[k][e] = WS_TERM(acc[k][e], l[q], rv[q][e]);
                                 }
                             }
                         } else {
@@ -197,7 +205,7 @@ extern "C" __global__ void lora_merge_v8(
                                 if (l[q] != 0.0f) {
 #pragma unroll
                                     for (int e = 0; e < 8; ++e) {
-                                        acc[k][e] = __fadd_rn(acc[k][e], __fmul_rn(l[q], rv[q][e]));
+                                        acc[k][e] = WS_TERM(acc[k][e], l[q], rv[q][e]);
                                     }
                                 }
                             }
@@ -217,7 +225,7 @@ extern "C" __global__ void lora_merge_v8(
                         if (l != 0.0f) {
 #pragma unroll
                             for (int e = 0; e < 8; ++e) {
-                                acc[k][e] = __fadd_rn(acc[k][e], __fmul_rn(l, rv[e]));
+                                acc[k][e] = WS_TERM(acc[k][e], l, rv[e]);
                             }
                         }
                     }

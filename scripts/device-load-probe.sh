@@ -18,12 +18,15 @@ echo "== kernel variants"
 KR=.bin/kernel_rate
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   /usr/local/cuda/bin/nvcc -ptx -arch=compute_75 -fmad=false -DWS_ROWS=8 kernels/merge.cu -o /tmp/merge8.ptx || true
+  # What the bit-exact arithmetic (a multiply and an add per term) costs against fused terms.
+  /usr/local/cuda/bin/nvcc -ptx -arch=compute_75 -fmad=false -DWS_FMA_PROBE kernels/merge.cu -o /tmp/merge_fma.ptx || true
 fi
 for shape in "14336 4096" "4096 14336"; do
   for rank in 16 64; do
     $KR $shape $rank
     [ -f .bin/merge_prev.ptx ] && WEIGHTSMITH_MERGE_PTX=.bin/merge_prev.ptx $KR $shape $rank
     [ -f /tmp/merge8.ptx ] && WEIGHTSMITH_MERGE_PTX=/tmp/merge8.ptx WEIGHTSMITH_MERGE_ROWS=8 $KR $shape $rank
+    [ -f /tmp/merge_fma.ptx ] && WEIGHTSMITH_MERGE_PTX=/tmp/merge_fma.ptx $KR $shape $rank
   done
 done
 python3 scripts/kernel_rate_peer.py 14336 4096 16

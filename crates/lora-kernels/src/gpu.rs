@@ -20,9 +20,9 @@ pub const MERGE_V8_ROWS: usize = 4;
 /// The PTX of `kernels/dequant.cu` (same target).
 pub const DEQUANT_PTX: &str = include_str!("../ptx/dequant.ptx");
 
-/// Which merge kernel a block runs and its launch shape.
+/// Which kernel runs and its launch shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MergeLaunch {
+pub struct KernelLaunch {
     pub kernel: &'static str,
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
@@ -32,18 +32,32 @@ pub struct MergeLaunch {
 /// `base_elem_bytes` wide: eight columns and [`MERGE_V8_ROWS`] rows per thread with 16-byte
 /// accesses where the layout allows (`lora_merge_v8`), else one element (`lora_merge`). Row
 /// groups past the grid's 65535 are strided by the kernels themselves.
-pub fn merge_launch(base_elem_bytes: usize, rows: usize, cols: usize) -> MergeLaunch {
+pub fn merge_launch(base_elem_bytes: usize, rows: usize, cols: usize) -> KernelLaunch {
     let vector = base_elem_bytes == 2 && cols % 8 == 0;
     let (kernel, per_thread, rows_per_thread) = if vector {
         ("lora_merge_v8", 8, MERGE_V8_ROWS)
     } else {
         ("lora_merge", 1, 1)
     };
-    MergeLaunch {
+    KernelLaunch {
         kernel,
         grid: (
             (cols.div_ceil(per_thread) as u32).div_ceil(256),
             (rows.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
+            1,
+        ),
+        block: (256, 1, 1),
+    }
+}
+
+/// The launch of `gptq_dequant` (kernels/dequant.cu) for a layer of `in_features` inputs and
+/// `out_features` outputs: a thread per input row, output rows strided by the grid's y.
+pub fn gptq_dequant_launch(in_features: usize, out_features: usize) -> KernelLaunch {
+    KernelLaunch {
+        kernel: "gptq_dequant",
+        grid: (
+            (in_features as u32).div_ceil(256),
+            (out_features as u32).clamp(1, 65535),
             1,
         ),
         block: (256, 1, 1),
@@ -227,7 +241,11 @@ impl GpuMerger {
             KernelArg::I64(outf as i64),
             KernelArg::Ptr(d_out.device_ptr()),
         ];
-        let grid = ((inp as u32).div_ceil(256), (outf as u32).clamp(1, 65535), 1);
+        let KernelLaunch {
+            kernel,
+            grid,
+            block,
+        } = gptq_dequant_launch(inp, outf);
         let staged = &mut pinned.as_mut_slice()[..bytes];
         // SAFETY: the arguments match `gptq_dequant`'s parameters; qweight holds in·bits/32 ×
         // out words, qzeros groups × out·bits/32, scales groups × out, g_idx `in` values below
@@ -235,7 +253,7 @@ impl GpuMerger {
         // pinned buffer is not touched by the host until the synchronisation.
         unsafe {
             self.dequant
-                .launch("gptq_dequant", grid, (256, 1, 1), &self.stream, &args)
+                .launch(kernel, grid, block, &self.stream, &args)
                 .map_err(gpu)?;
             d_out
                 .copy_to_host_async(0, staged, &self.stream)
@@ -335,7 +353,7 @@ impl GpuMerger {
             KernelArg::I64(cols as i64),
             KernelArg::I64(first_row as i64),
         ];
-        let MergeLaunch {
+        let KernelLaunch {
             kernel,
             grid,
             block,

@@ -1,17 +1,19 @@
-//! The merge kernels of `kernels/merge.cu`, compiled as C++ for the host (tests/kernel_host:
-//! a shim of CUDA's device dialect and a driver that runs every thread of a launch in turn),
-//! give the same bits as the CPU merge. Launch shapes come from `gpu::merge_launch`, as on the
-//! device. This checks the kernels' indexing, their order of operations and every branch (the
+//! The kernels of `kernels/merge.cu` and `kernels/dequant.cu`, compiled as C++ for the host
+//! (tests/kernel_host: a shim of CUDA's device dialect and a driver that runs every thread of a
+//! launch in turn), give the same bits as the CPU merge and the CPU GPTQ dequantisation. Launch
+//! shapes come from `gpu::merge_launch` and `gpu::gptq_dequant_launch`, as on the device. This
+//! checks the kernels' indexing, their order of operations and every branch (the
 //! four-terms-at-a-time path, zero coefficients, ranks not divisible by four, short row groups,
-//! DoRA factors per row and per column, F16 rounding) on any machine with a C++ compiler;
-//! what it cannot check (the PTX compiler, the GPU) `scripts/gpu-check.sh` checks on a GPU.
+//! DoRA factors per row and per column, F16 rounding, every GPTQ bit width and zero convention)
+//! on any machine with a C++ compiler; what it cannot check (the PTX compiler, the GPU)
+//! `scripts/gpu-check.sh` checks on a GPU.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use lora_kernels::cpu::merge_rows;
-use lora_kernels::gpu::merge_launch;
+use lora_kernels::gpu::{gptq_dequant_launch, merge_launch};
 use lora_kernels::{encode_half, DoraScale, LoraProduct, LoraTerm};
 use st_io::Dtype;
 
@@ -375,4 +377,92 @@ fn host_emulation_sees_a_changed_kernel() {
         let want = ((w + 0.5).to_bits() + 0x7fff + (((w + 0.5).to_bits() >> 16) & 1)) >> 16;
         assert_eq!(u16::from_le_bytes([v[0], v[1]]) as u32, want, "element {i}");
     }
+}
+
+#[test]
+fn gptq_dequant_kernel_gives_the_cpu_bits_on_every_gptq_fixture() {
+    use lora_kernels::dequant::GptqLayer;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/quantized");
+    let mut layers = 0;
+    for name in [
+        "tiny-llama-gptq-4bit",
+        "tiny-llama-gptq-3bit-actorder",
+        "tiny-llama-gptq-8bit",
+        "tiny-llama-gptq-2bit-v2",
+    ] {
+        let c = st_io::Checkpoint::open(root.join(name)).unwrap();
+        let linears = st_io::quant::quantized_linears(&c).unwrap();
+        for l in &linears {
+            let layer = GptqLayer::from_checkpoint(&c, l).unwrap();
+            let want: Vec<u32> = layer
+                .to_f32()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let dir = std::env::temp_dir()
+                .join(format!("ws-kernel-host-dq-{}-{layers}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("qweight.bin"), layer.qweight).unwrap();
+            std::fs::write(dir.join("qzeros.bin"), layer.qzeros).unwrap();
+            std::fs::write(dir.join("scales.bin"), layer.scales).unwrap();
+            let g_idx: Vec<u8> = layer
+                .g_idx
+                .iter()
+                .flat_map(|&g| (g as i32).to_le_bytes())
+                .collect();
+            std::fs::write(dir.join("g_idx.bin"), g_idx).unwrap();
+            let scales_kind = match layer.scales_dtype {
+                Dtype::BF16 => 0,
+                Dtype::F16 => 1,
+                _ => 2,
+            };
+            let launch = gptq_dequant_launch(layer.in_features, layer.out_features);
+            let status = Command::new(driver())
+                .arg(launch.kernel)
+                .args(
+                    [
+                        scales_kind,
+                        layer.params.bits as i64,
+                        layer.params.zero_offset as i64,
+                        layer.in_features as i64,
+                        layer.out_features as i64,
+                        launch.grid.0 as i64,
+                        launch.grid.1 as i64,
+                        launch.block.0 as i64,
+                    ]
+                    .map(|v| v.to_string()),
+                )
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(
+                status.success(),
+                "{name}: {}: the kernel driver failed",
+                l.module
+            );
+            let got: Vec<u32> = std::fs::read(dir.join("out.bin"))
+                .unwrap()
+                .chunks(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            std::fs::remove_dir_all(&dir).unwrap();
+            assert_eq!(got.len(), want.len(), "{name}: {}", l.module);
+            if let Some(i) = got.iter().zip(&want).position(|(g, w)| g != w) {
+                panic!(
+                    "{name}: {}: element {i} (output {}, input {}) is {}, the CPU gives {}",
+                    l.module,
+                    i / layer.in_features,
+                    i % layer.in_features,
+                    f32::from_bits(got[i]),
+                    f32::from_bits(want[i])
+                );
+            }
+            layers += 1;
+        }
+    }
+    assert!(
+        layers >= 4 * 7,
+        "only {layers} GPTQ layers found in the fixtures"
+    );
 }

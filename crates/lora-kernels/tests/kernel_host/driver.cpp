@@ -1,12 +1,17 @@
-// driver.cpp — runs one launch of a merge kernel of kernels/merge.cu on the host, thread after
-// thread, for tests/kernel_on_host.rs (which compiles this file with the system C++ compiler).
+// driver.cpp — runs one launch of a kernel of kernels/merge.cu or kernels/dequant.cu on the
+// host, thread after thread, for tests/kernel_on_host.rs (which compiles this file with the
+// system C++ compiler).
 //
-//   driver KERNEL BASE_KIND OUT_KIND RANK FACTOR_MODE ROWS COLS FIRST_ROW GRID_X GRID_Y BLOCK_X DIR
-//
-// DIR holds base.bin (the block's rows), left.bin and right.bin (f32; absent when RANK is 0),
-// factors.bin (f32, FACTOR_MODE 1 per row, 2 per column; absent for 0); out.bin is written.
+//   driver lora_merge|lora_merge_v8 BASE_KIND OUT_KIND RANK FACTOR_MODE ROWS COLS FIRST_ROW GRID_X GRID_Y BLOCK_X DIR
+//     DIR holds base.bin (the block's rows), left.bin and right.bin (f32; absent when RANK is
+//     0), factors.bin (f32, FACTOR_MODE 1 per row, 2 per column; absent for 0); out.bin (16-bit)
+//     is written.
+//   driver gptq_dequant SCALES_KIND BITS ZERO_OFFSET IN OUT GRID_X GRID_Y BLOCK_X DIR
+//     DIR holds qweight.bin, qzeros.bin, scales.bin and g_idx.bin (i32); out.bin (f32, OUT × IN)
+//     is written.
 #include "shim.h"
 #include "../../../../kernels/merge.cu"
+#include "../../../../kernels/dequant.cu"
 
 #include <cstdio>
 #include <cstdlib>
@@ -40,7 +45,57 @@ static void* aligned_copy(const std::vector<unsigned char>& v) {
     return p;
 }
 
+// Every block of a grid, every thread of a block, one after another.
+template <typename F>
+static void run_grid(unsigned gx, unsigned gy, unsigned bx, F thread) {
+    gridDim = {gx, gy, 1};
+    blockDim = {bx, 1, 1};
+    for (unsigned y = 0; y < gy; ++y) {
+        for (unsigned x = 0; x < gx; ++x) {
+            blockIdx = {x, y, 0};
+            for (unsigned t = 0; t < bx; ++t) {
+                threadIdx = {t, 0, 0};
+                thread();
+            }
+        }
+    }
+}
+
+static int write_out(const std::string& dir, const void* data, size_t n) {
+    FILE* f = std::fopen((dir + "/out.bin").c_str(), "wb");
+    if (!f || std::fwrite(data, 1, n, f) != n) {
+        std::fprintf(stderr, "cannot write %s/out.bin\n", dir.c_str());
+        return 2;
+    }
+    std::fclose(f);
+    return 0;
+}
+
+static int dequant_main(int argc, char** argv) {
+    if (argc != 11) {
+        std::fprintf(stderr, "usage: driver gptq_dequant SCALES_KIND BITS ZERO_OFFSET IN OUT GRID_X GRID_Y BLOCK_X DIR\n");
+        return 2;
+    }
+    int scales_kind = std::atoi(argv[2]), bits = std::atoi(argv[3]), zero_offset = std::atoi(argv[4]);
+    long long in = std::atoll(argv[5]), out_features = std::atoll(argv[6]);
+    unsigned gx = (unsigned)std::atol(argv[7]), gy = (unsigned)std::atol(argv[8]);
+    unsigned bx = (unsigned)std::atol(argv[9]);
+    std::string dir = argv[10];
+    const unsigned int* q = (const unsigned int*)aligned_copy(slurp(dir + "/qweight.bin"));
+    const unsigned int* z = (const unsigned int*)aligned_copy(slurp(dir + "/qzeros.bin"));
+    const void* scales = aligned_copy(slurp(dir + "/scales.bin"));
+    const int* g_idx = (const int*)aligned_copy(slurp(dir + "/g_idx.bin"));
+    std::vector<float> out((size_t)(in * out_features), -12345.0f);
+    run_grid(gx, gy, bx, [&] {
+        gptq_dequant(q, z, scales, scales_kind, g_idx, bits, zero_offset, in, out_features, out.data());
+    });
+    return write_out(dir, out.data(), out.size() * 4);
+}
+
 int main(int argc, char** argv) {
+    if (argc > 1 && std::string(argv[1]) == "gptq_dequant") {
+        return dequant_main(argc, argv);
+    }
     if (argc != 13) {
         std::fprintf(stderr, "usage: driver KERNEL BASE_KIND OUT_KIND RANK FACTOR_MODE ROWS COLS FIRST_ROW GRID_X GRID_Y BLOCK_X DIR\n");
         return 2;
@@ -58,31 +113,18 @@ int main(int argc, char** argv) {
     float* factors = factor_mode ? (float*)aligned_copy(slurp(dir + "/factors.bin")) : nullptr;
     std::vector<unsigned char> out_bytes((size_t)(rows * cols * 2), 0xA5);
     unsigned short* out = (unsigned short*)aligned_copy(out_bytes);
-    gridDim = {gx, gy, 1};
-    blockDim = {bx, 1, 1};
-    for (unsigned y = 0; y < gy; ++y) {
-        for (unsigned x = 0; x < gx; ++x) {
-            blockIdx = {x, y, 0};
-            for (unsigned t = 0; t < bx; ++t) {
-                threadIdx = {t, 0, 0};
-                if (kernel == "lora_merge_v8") {
-                    lora_merge_v8((const unsigned short*)base, base_kind, left, right, rank, factors,
-                                  factor_mode == 2, out, out_kind, rows, cols, first_row);
-                } else if (kernel == "lora_merge") {
-                    lora_merge(base, base_kind, left, right, rank, factors, factor_mode == 2, out,
-                               out_kind, rows, cols, first_row);
-                } else {
-                    std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
-                    return 2;
-                }
-            }
-        }
-    }
-    FILE* f = std::fopen((dir + "/out.bin").c_str(), "wb");
-    if (!f || std::fwrite(out, 1, (size_t)(rows * cols * 2), f) != (size_t)(rows * cols * 2)) {
-        std::fprintf(stderr, "cannot write %s/out.bin\n", dir.c_str());
+    if (kernel != "lora_merge_v8" && kernel != "lora_merge") {
+        std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
         return 2;
     }
-    std::fclose(f);
-    return 0;
+    run_grid(gx, gy, bx, [&] {
+        if (kernel == "lora_merge_v8") {
+            lora_merge_v8((const unsigned short*)base, base_kind, left, right, rank, factors,
+                          factor_mode == 2, out, out_kind, rows, cols, first_row);
+        } else {
+            lora_merge(base, base_kind, left, right, rank, factors, factor_mode == 2, out,
+                       out_kind, rows, cols, first_row);
+        }
+    });
+    return write_out(dir, out, (size_t)(rows * cols * 2));
 }
