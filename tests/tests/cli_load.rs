@@ -199,3 +199,60 @@ fn progress_names_the_file_units_and_devices() {
     );
     assert!(seen.windows(2).all(|w| w[0].2 <= w[1].2));
 }
+
+#[test]
+fn a_file_cut_short_during_the_load_fails_naming_the_tensor_unit_and_device() {
+    // The second shard is truncated after the checkpoint was opened and checked, just before
+    // its copies (a file changed under the loader, a network file system failing): the load
+    // must stop with an error that names the file, the tensor, its unit and device, not
+    // panic and not return a model with holes.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-llama");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture("models/tiny-llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let victim = model.join("model-00002-of-00003.safetensors");
+    let header_end = {
+        let bytes = std::fs::read(&victim).unwrap();
+        8 + u64::from_le_bytes(bytes[..8].try_into().unwrap())
+    };
+    let result = load(&model, &LoadOptions::default(), &mut |p| {
+        if p.file == "model-00002-of-00003.safetensors" {
+            // Keep the header and a few bytes of the first tensor.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&victim)
+                .unwrap();
+            f.set_len(header_end + 10).unwrap();
+        }
+    });
+    let e = match result {
+        Ok(_) => panic!("a truncated shard was loaded"),
+        Err(e) => e,
+    };
+    let weightsmith::Error::Load {
+        unit,
+        device,
+        message,
+    } = &e
+    else {
+        panic!("not a load error: {e}");
+    };
+    assert!(unit.starts_with("layers."), "{e}");
+    assert!(device == "host" || device.starts_with("cuda:"), "{e}");
+    assert!(
+        message.starts_with("model-00002-of-00003.safetensors: tensor \"model.layers."),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with(&format!("loading {unit} onto {device}: ")),
+        "{e}"
+    );
+    assert!(
+        message.ends_with("was it truncated or replaced during the load?"),
+        "{e}"
+    );
+}

@@ -111,6 +111,16 @@ fn populate(range: &[u8]) {
     });
 }
 
+/// A failed read at `offset`, said plainly where the file ended early.
+fn read_error(offset: u64, e: std::io::Error) -> Error {
+    let message = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "the file ends before this range: was it truncated or replaced during the load?".into()
+    } else {
+        e.to_string()
+    };
+    Error::Read { offset, message }
+}
+
 /// posix_fadvise on a range of `file` (a hint: errors are ignored).
 fn advise(file: &File, offset: usize, len: usize, advice: libc::c_int) {
     use std::os::fd::AsRawFd;
@@ -228,10 +238,9 @@ impl UploadEngine {
         let mut any_cuda = false;
         for p in pieces.iter_mut() {
             match &mut p.dst {
-                Dst::Host(buf) => parallel_read(file, p.offset, buf).map_err(|e| Error::Read {
-                    offset: p.offset,
-                    message: e.to_string(),
-                })?,
+                Dst::Host(buf) => {
+                    parallel_read(file, p.offset, buf).map_err(|e| read_error(p.offset, e))?
+                }
                 Dst::Cuda(_) => any_cuda = true,
             }
         }
@@ -626,10 +635,7 @@ fn stage_worker(
             let n = window_bytes.min(hi - start);
             let buf = &mut buffers[b].as_mut_slice()[..n];
             file.read_exact_at(buf, start as u64)
-                .map_err(|e| Error::Read {
-                    offset: start as u64,
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| read_error(start as u64, e))?;
             let buf = &buffers[b].as_slice()[..n];
             for (k, piece_offset, part) in window_parts(pieces, start, n) {
                 let p = &pieces[k];

@@ -262,6 +262,7 @@ pub fn load(
     let mut bytes_done = 0u64;
     let mut files = Vec::new();
     let mut per_device_bytes: HashMap<Device, u64> = HashMap::new();
+    let tensor_devices: Vec<Device> = tensors.iter().map(|t| t.device).collect();
     let copy_started = Instant::now();
     let trace = std::env::var_os("WEIGHTSMITH_TRACE").is_some();
     for (f, shard) in checkpoint.files().iter().enumerate() {
@@ -299,10 +300,16 @@ pub fn load(
         }
         let taken = engine
             .upload(&file, shard.bytes(), &mut pieces)
-            .map_err(|e| Error::Load {
-                unit: format!("file {}", shard.name),
-                device: "all".into(),
-                message: e.to_string(),
+            .map_err(|e| {
+                upload_failure(
+                    e,
+                    &checkpoint,
+                    &layout,
+                    &tensor_index,
+                    &tensor_devices,
+                    f,
+                    &units,
+                )
             })?;
         files.push((shard.name.clone(), taken.name().to_string()));
         if trace {
@@ -440,6 +447,56 @@ pub fn load(
 }
 
 /// `embedding, layers.0-7 → cuda:0; layers.8-12 → cuda:1` for the units file `f` feeds.
+/// A failed upload of file `f`, named as precisely as the failure allows: a read names the file,
+/// the tensor at the failing offset, its unit and device; anything else the file and the units
+/// it holds with their devices.
+fn upload_failure(
+    e: gpu_mem::Error,
+    checkpoint: &Checkpoint,
+    layout: &st_io::ModelLayout,
+    tensor_index: &[Option<usize>],
+    tensor_devices: &[Device],
+    f: usize,
+    units: &str,
+) -> Error {
+    let shard = &checkpoint.files()[f].name;
+    if let gpu_mem::Error::Read { offset, .. } = &e {
+        // The tensor holding the offset, else the first one after it (a window of the staged
+        // path starts where the previous one ended, so it may start between tensors).
+        let at = checkpoint
+            .tensors()
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.file == f && t.offset + t.len > *offset)
+            .min_by_key(|(_, t)| t.offset);
+        if let Some((i, t)) = at {
+            let unit = layout
+                .units
+                .iter()
+                .find(|u| u.tensors.contains(&i))
+                .map_or_else(|| "unplaced tensors".to_string(), |u| u.name.clone());
+            let device = tensor_index[i].map_or_else(
+                || "no device".to_string(),
+                |k| tensor_devices[k].to_string(),
+            );
+            return Error::Load {
+                unit,
+                device,
+                message: format!("{shard}: tensor \"{}\": {e}", t.name),
+            };
+        }
+    }
+    Error::Load {
+        unit: format!("file {shard}"),
+        device: if units.is_empty() {
+            "its devices".into()
+        } else {
+            units.to_string()
+        },
+        message: e.to_string(),
+    }
+}
+
 fn units_of_file(
     layout: &st_io::ModelLayout,
     plan: &PlanReport,
