@@ -257,7 +257,9 @@ impl UploadEngine {
             );
         }
         let share = self.staging_config.warm_staged_percent.min(100);
-        if warm && self.allow_register && share > 0 {
+        // The mixed path needs its staging buffers; where pinned memory cannot be had, the
+        // whole file takes the registered path.
+        if warm && self.allow_register && share > 0 && self.prepare_staging().is_ok() {
             return self.upload_mixed(file, map, pieces, lo, hi, share);
         }
         if warm && self.allow_register {
@@ -325,7 +327,8 @@ impl UploadEngine {
     /// A warm file split in two at a page boundary: the first `100 - staged_percent` % is
     /// registered and copied from while staging threads copy the rest, so the two paths'
     /// CPU work (pinning pages; reading from the page cache) runs side by side. A registration
-    /// the driver refuses sends its part through staging as well.
+    /// the driver refuses sends its part through staging as well. The staging buffers are
+    /// prepared by the caller.
     fn upload_mixed(
         &mut self,
         file: &File,
@@ -336,7 +339,6 @@ impl UploadEngine {
         staged_percent: u32,
     ) -> Result<UploadPath, Error> {
         let ctx = self.any_context()?;
-        self.prepare_staging()?;
         let registered_bytes = (hi - lo) as u128 * (100 - staged_percent as u128) / 100;
         // `map` starts on a page, so a multiple of the page size from its start is a page
         // boundary: the registered chunks end exactly where staging begins.
