@@ -55,6 +55,8 @@ done; done
 for p in 25 40 55; do for w in 8 12; do
   LABEL=mixed-$p-w$w WEIGHTSMITH_WARM_STAGED_PERCENT=$p WEIGHTSMITH_STAGE_WORKERS=$w ours
 done; done
+for i in 1 2; do LABEL=mixed-auto-$i WEIGHTSMITH_WARM_STAGED_PERCENT=auto ours; done
+WEIGHTSMITH_TRACE=1 WEIGHTSMITH_WARM_STAGED_PERCENT=auto .bin/weightsmith load "$M" --cache-seq-len 4096 --json 2>&1 >/dev/null | grep -E "trace (mixed|file)"
 LABEL=mixed-40-verify WEIGHTSMITH_WARM_STAGED_PERCENT=40 ours --verify
 LABEL=staged-verify ours --no-register --verify
 cold; LABEL=cold-staged-w8 ours

@@ -170,6 +170,8 @@ pub struct UploadEngine {
     pub staging_config: StagingConfig,
     /// The staged path's streams, two per worker, on each device.
     staging_streams: Vec<(u32, Vec<Stream>)>,
+    /// The mixed path's staged share for the next warm file, in percent, when it adapts.
+    adapted_percent: Option<f64>,
     /// Registrations whose copies may still be running (see [`UploadEngine::flush`]).
     in_flight: Vec<HostRegion>,
 }
@@ -194,6 +196,7 @@ impl UploadEngine {
             allow_register: true,
             staging_config: StagingConfig::from_env(),
             staging_streams: contexts.iter().map(|c| (c.ordinal, Vec::new())).collect(),
+            adapted_percent: None,
             in_flight: Vec::new(),
         })
     }
@@ -256,7 +259,11 @@ impl UploadEngine {
                 t0.elapsed().as_secs_f64() * 1e3
             );
         }
-        let share = self.staging_config.warm_staged_percent.min(100);
+        let config = self.staging_config;
+        let share = match (config.adapt_warm_share, self.adapted_percent) {
+            (true, Some(p)) => p.round() as u32,
+            _ => config.warm_staged_percent.min(100),
+        };
         // The mixed path needs its staging buffers; where pinned memory cannot be had, the
         // whole file takes the registered path.
         if warm && self.allow_register && share > 0 && self.prepare_staging().is_ok() {
@@ -346,21 +353,45 @@ impl UploadEngine {
         let config = self.staging_config;
         let (streams, staging, staging_streams) =
             (&self.streams, &mut self.staging, &self.staging_streams);
-        let ((regions, registered), staged) = std::thread::scope(|scope| {
-            let registering =
-                scope.spawn(|| register_and_copy(streams, &ctx, map, pieces, lo, mid));
-            let staged = stage(staging, staging_streams, config, file, pieces, mid, hi);
-            let registered = registering.join().unwrap_or_else(|_| {
-                (
-                    Vec::new(),
-                    Err(Error::Cuda {
-                        call: "cuMemHostRegister",
-                        code: "registration thread panicked".into(),
-                    }),
-                )
+        let started = std::time::Instant::now();
+        let ((regions, registered, registered_at), (staged, staged_at)) =
+            std::thread::scope(|scope| {
+                let registering = scope.spawn(|| {
+                    let (regions, result) = register_and_copy(streams, &ctx, map, pieces, lo, mid);
+                    (regions, result, started.elapsed())
+                });
+                let staged = stage(staging, staging_streams, config, file, pieces, mid, hi);
+                let staged_at = started.elapsed();
+                let registered = registering.join().unwrap_or_else(|_| {
+                    (
+                        Vec::new(),
+                        Err(Error::Cuda {
+                            call: "cuMemHostRegister",
+                            code: "registration thread panicked".into(),
+                        }),
+                        started.elapsed(),
+                    )
+                });
+                (registered, (staged, staged_at))
             });
-            (registered, staged)
-        });
+        if config.adapt_warm_share && registered.is_ok() && staged.is_ok() {
+            // Bytes per second of each half (the registered half's copies trail its
+            // registration closely, so its enqueue time stands for its time).
+            let rate =
+                |bytes: usize, t: std::time::Duration| bytes as f64 / t.as_secs_f64().max(1e-6);
+            let (reg_rate, staged_rate) =
+                (rate(mid - lo, registered_at), rate(hi - mid, staged_at));
+            let balanced = 100.0 * staged_rate / (staged_rate + reg_rate);
+            let next = (0.5 * staged_percent as f64 + 0.5 * balanced).clamp(5.0, 95.0);
+            if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
+                eprintln!(
+                    "trace mixed: {staged_percent} % staged; registered {:.1} GB/s, staged {:.1} GB/s; next {next:.0} %",
+                    reg_rate / 1e9,
+                    staged_rate / 1e9
+                );
+            }
+            self.adapted_percent = Some(next);
+        }
         let refused = matches!(
             registered,
             Err(Error::Cuda {
@@ -546,6 +577,10 @@ pub struct StagingConfig {
     /// The share of a warm file, in percent, that is staged while the rest is registered
     /// (0: warm files are registered whole).
     pub warm_staged_percent: u32,
+    /// Start the mixed path at `warm_staged_percent` and, after each warm file, move the share
+    /// halfway to the one that would have finished both halves together at the rates just
+    /// seen (kept within 5–95 %).
+    pub adapt_warm_share: bool,
 }
 
 impl Default for StagingConfig {
@@ -554,6 +589,7 @@ impl Default for StagingConfig {
             workers: 8,
             window_bytes: 32 << 20,
             warm_staged_percent: 0,
+            adapt_warm_share: false,
         }
     }
 }
@@ -561,7 +597,7 @@ impl Default for StagingConfig {
 impl StagingConfig {
     /// The default, changed by `WEIGHTSMITH_STAGE_WORKERS`, `WEIGHTSMITH_STAGE_MB` and
     /// `WEIGHTSMITH_WARM_STAGED_PERCENT` where they hold positive numbers (for measurements on
-    /// a new machine).
+    /// a new machine); `WEIGHTSMITH_WARM_STAGED_PERCENT=auto` adapts the share from 50 %.
     pub fn from_env() -> StagingConfig {
         let mut c = StagingConfig::default();
         let var = |name: &str| {
@@ -575,6 +611,10 @@ impl StagingConfig {
         }
         if let Some(p) = var("WEIGHTSMITH_WARM_STAGED_PERCENT") {
             c.warm_staged_percent = p.min(100) as u32;
+        }
+        if std::env::var("WEIGHTSMITH_WARM_STAGED_PERCENT").is_ok_and(|v| v == "auto") {
+            c.warm_staged_percent = 50;
+            c.adapt_warm_share = true;
         }
         if let Some(mb) = var("WEIGHTSMITH_STAGE_MB") {
             c.window_bytes = (mb.min(1024) << 20).next_multiple_of(PAGE);
@@ -927,6 +967,7 @@ mod tests {
                     workers: 3,
                     window_bytes: 1 << 20,
                     warm_staged_percent: 0,
+                    adapt_warm_share: false,
                 },
             ),
             (
@@ -936,6 +977,17 @@ mod tests {
                     workers: 2,
                     window_bytes: 1 << 20,
                     warm_staged_percent: 45,
+                    adapt_warm_share: false,
+                },
+            ),
+            (
+                "mixed, adapting (the second upload takes the adapted share)",
+                true,
+                StagingConfig {
+                    workers: 2,
+                    window_bytes: 1 << 20,
+                    warm_staged_percent: 50,
+                    adapt_warm_share: true,
                 },
             ),
         ];
@@ -956,7 +1008,11 @@ mod tests {
                     dst: Dst::Cuda(a),
                 })
                 .collect();
-            let path_taken = engine.upload(&file, map, &mut pieces).unwrap();
+            let mut path_taken = engine.upload(&file, map, &mut pieces).unwrap();
+            if config.adapt_warm_share {
+                engine.flush().unwrap();
+                path_taken = engine.upload(&file, map, &mut pieces).unwrap();
+            }
             engine.flush().unwrap();
             engine.finish();
             for (&(offset, n), a) in ranges.iter().zip(&allocs) {
