@@ -329,3 +329,91 @@ fn a_trained_head_of_a_tied_model_is_written_and_untied() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["tie_word_embeddings"], false);
 }
+
+#[test]
+fn ctrl_c_stops_the_merge_and_leaves_nothing_behind() {
+    // The tiny Llama with one more shard holding a 1 GiB tensor (a sparse file), so the merge
+    // is still writing when the signal comes.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(fixture("models/tiny-llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), base.join(entry.file_name())).unwrap();
+    }
+    let (rows, cols) = (16384u64, 32768u64);
+    let bytes = rows * cols * 2;
+    let mut header = format!(
+        "{{\"extra.weight\":{{\"dtype\":\"BF16\",\"shape\":[{rows},{cols}],\"data_offsets\":[0,{bytes}]}}}}"
+    );
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let shard = base.join("model-extra.safetensors");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&shard).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        f.set_len(8 + header.len() as u64 + bytes).unwrap();
+    }
+    let index_path = base.join("model.safetensors.index.json");
+    let mut index: Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["weight_map"]["extra.weight"] = Value::from("model-extra.safetensors");
+    let total = index["metadata"]["total_size"].as_u64().unwrap() + bytes;
+    index["metadata"]["total_size"] = Value::from(total);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+
+    let out = tmp.path().join("merged");
+    let mut child = std::process::Command::new(weightsmith_tests::weightsmith_bin())
+        .args(["merge", "--device", "cpu", "--base"])
+        .arg(&base)
+        .args([
+            "--adapter",
+            &s(&fixture("adapters/llama-lora/adapter")),
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the hidden work folder exists the merge is writing: interrupt it.
+    let started = std::time::Instant::now();
+    let writing = || {
+        std::fs::read_dir(tmp.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".merged.")
+        })
+    };
+    while !writing() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the merge ended before it started writing"
+        );
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "the merge never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("error: interrupted:"), "{stderr}");
+    assert!(!out.exists(), "an output folder was left: {stderr}");
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "base")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

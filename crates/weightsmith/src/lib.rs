@@ -43,6 +43,10 @@ pub enum Error {
         device: String,
         message: String,
     },
+    /// The caller cancelled (Ctrl-C in the CLI) before the output was complete; nothing was
+    /// left behind.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// Options that do not go together, or input the verb cannot use.
     #[error("{0}")]
     Usage(String),

@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use lora_kernels::cpu::merge_rows;
@@ -48,6 +50,10 @@ pub struct MergeOptions {
     /// The base's Hub id for the model card's `base_model` (default: the adapter's
     /// `base_model_name_or_path` when that is a Hub id, else the base's own card).
     pub base_model: Option<String>,
+    /// Set it (from a signal handler, a GUI's button) to stop the merge: it stops within one
+    /// 32 MiB block, removes what it wrote, and returns [`Error::Interrupted`]. Once the
+    /// output is in place the merge is done and the flag no longer matters.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl MergeOptions {
@@ -61,6 +67,7 @@ impl MergeOptions {
             verify: false,
             force: false,
             base_model: None,
+            cancel: None,
         }
     }
 }
@@ -236,7 +243,22 @@ pub fn merge(
     let mut modules = Vec::new();
     let mut bytes_done = 0u64;
     let total = jobs.len();
+    let cancelled = || {
+        options
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
+    let interrupted = || {
+        Error::Interrupted(format!(
+            "the merge stopped and removed its partial output; {} was not written",
+            options.out.display()
+        ))
+    };
     for (i, job) in jobs.iter().enumerate() {
+        if cancelled() {
+            return Err(interrupted());
+        }
         progress(MergeProgress {
             tensor: &job.spec.name,
             tensors_done: i,
@@ -248,7 +270,8 @@ pub fn merge(
         if let Some(next) = jobs.get(i + 1).and_then(|j| j.base_tensor) {
             base.prefetch(next);
         }
-        let stats = write_job(&mut writer, job, out_dtype, gpu.as_ref())?;
+        let stats = write_job(&mut writer, job, out_dtype, gpu.as_ref(), &cancelled)
+            .map_err(|e| if cancelled() { interrupted() } else { e })?;
         if job.lora.is_some() || !job.bias_terms.is_empty() {
             modules.push(ModuleReport {
                 tensor: job.spec.name.clone(),
@@ -298,6 +321,9 @@ pub fn merge(
     });
     let card = merge_card(&root, adapter_base.as_deref(), &summaries, out_dtype);
     writer.add_file("README.md", card.as_bytes())?;
+    if cancelled() {
+        return Err(interrupted());
+    }
     let summary = writer.finish()?;
 
     let verify = if options.verify {
@@ -580,6 +606,7 @@ fn write_job(
     job: &Job,
     out_dtype: Dtype,
     gpu: Option<&GpuMerger>,
+    cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<MergeStats> {
     let name = job.spec.name.as_str();
     let target = job.spec.dtype;
@@ -704,6 +731,12 @@ fn write_job(
             use std::io::Write;
             // Ends when the merger is done (or failed) and drops its sender.
             while let Ok((buffer, len)) = filled_rx.recv() {
+                if cancelled() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "the merge was cancelled",
+                    ));
+                }
                 sink.write_all(&buffer[..len])?;
                 let _ = empty_tx.send(buffer);
             }

@@ -193,8 +193,51 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            // 130, the shell's code for a command ended by Ctrl-C, when it was one.
+            match e.downcast_ref::<weightsmith::Error>() {
+                Some(weightsmith::Error::Interrupted(_)) => ExitCode::from(130),
+                _ => ExitCode::FAILURE,
+            }
         }
+    }
+}
+
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP during a merge: the first sets the merge's cancel flag,
+/// so it stops and removes its partial output; a second ends the process at once.
+mod interrupt {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, OnceLock};
+
+    static CANCEL: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only async-signal-safe work here: an atomic swap, write(2) and _exit(2).
+        let Some(cancel) = CANCEL.get() else {
+            // SAFETY: _exit is async-signal-safe and ends the process.
+            unsafe { libc::_exit(130) };
+        };
+        if cancel.swap(true, Ordering::SeqCst) {
+            // SAFETY: as above.
+            unsafe { libc::_exit(130) };
+        }
+        let msg =
+            b"\nweightsmith: interrupted; removing the partial output (again to quit at once)\n";
+        // SAFETY: write(2) to stderr from a static buffer is async-signal-safe; its result
+        // does not matter.
+        unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
+    }
+
+    /// The flag the handler sets, installed for SIGINT, SIGTERM and SIGHUP.
+    pub fn install() -> Arc<AtomicBool> {
+        let cancel = CANCEL
+            .get_or_init(|| Arc::new(AtomicBool::new(false)))
+            .clone();
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: `on_signal` is an `extern "C" fn(c_int)` that does only async-signal-safe
+            // work; replacing the default disposition of these signals has no other effect.
+            unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+        }
+        cancel
     }
 }
 
@@ -213,7 +256,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Command::Merge(args) => {
-            let options = merge_options(&args)?;
+            let mut options = merge_options(&args)?;
+            options.cancel = Some(interrupt::install());
             // Check the repository id and the token before hours of merging, not after.
             let push = match &args.push_to {
                 Some(repo) => {
