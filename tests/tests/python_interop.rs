@@ -1,7 +1,7 @@
 //! Files our writer produces, read back by Python `safetensors` (the reference reader).
 //!
-//! Runs when `python3` can import `safetensors`; skipped otherwise, unless
-//! WEIGHTSMITH_REQUIRE_PYTHON=1 (set by .ci/run, which installs it) makes that a failure.
+//! Runs when `python3` can import `safetensors` and `numpy`; skipped otherwise, unless
+//! WEIGHTSMITH_REQUIRE_PYTHON=1 (set by .ci/run, which installs both) makes that a failure.
 
 use std::process::Command;
 
@@ -30,12 +30,12 @@ print(json.dumps(out))
 
 fn python_with_safetensors() -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import safetensors"])
+        .args(["-c", "import safetensors, numpy"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok && std::env::var("WEIGHTSMITH_REQUIRE_PYTHON").as_deref() == Ok("1") {
-        panic!("WEIGHTSMITH_REQUIRE_PYTHON=1 but python3 cannot import safetensors");
+        panic!("WEIGHTSMITH_REQUIRE_PYTHON=1 but python3 cannot import safetensors and numpy");
     }
     ok
 }
@@ -43,7 +43,7 @@ fn python_with_safetensors() -> bool {
 #[test]
 fn python_safetensors_reads_what_we_write() {
     if !python_with_safetensors() {
-        eprintln!("skipped: python3 with safetensors not found");
+        eprintln!("skipped: python3 with safetensors and numpy not found");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
