@@ -25,6 +25,19 @@ pub fn fixture(relative: &str) -> PathBuf {
     repo_root().join("fixtures").join(relative)
 }
 
+/// A copy of the fixture folder `relative` in `parent` (for tests that change their input),
+/// under the fixture's own folder name; returns the copy's path.
+pub fn copy_fixture(relative: &str, parent: &Path) -> PathBuf {
+    let from = fixture(relative);
+    let to = parent.join(from.file_name().expect("a fixture folder"));
+    std::fs::create_dir_all(&to).expect("create the copy");
+    for entry in std::fs::read_dir(&from).expect("read the fixture") {
+        let entry = entry.expect("read the fixture");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy a fixture file");
+    }
+    to
+}
+
 /// The names of the tiny model fixtures (`fixtures/models/<name>/`).
 pub const MODELS: &[&str] = &[
     "tiny-gemma",

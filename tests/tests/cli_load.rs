@@ -4,7 +4,7 @@
 use serde_json::Value;
 use weightsmith::gpu_mem::Device;
 use weightsmith::{load, LoadOptions};
-use weightsmith_tests::{fixture, weightsmith, MODELS};
+use weightsmith_tests::{copy_fixture, fixture, weightsmith, MODELS};
 
 #[test]
 fn loads_every_fixture_and_reads_back_the_file_bytes() {
@@ -207,12 +207,7 @@ fn a_file_cut_short_during_the_load_fails_naming_the_tensor_unit_and_device() {
     // must stop with an error that names the file, the tensor, its unit and device, not
     // panic and not return a model with holes.
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-llama");
-    std::fs::create_dir(&model).unwrap();
-    for entry in std::fs::read_dir(fixture("models/tiny-llama")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
+    let model = copy_fixture("models/tiny-llama", dir.path());
     let victim = model.join("model-00002-of-00003.safetensors");
     let header_end = {
         let bytes = std::fs::read(&victim).unwrap();

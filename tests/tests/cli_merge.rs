@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde_json::Value;
-use weightsmith_tests::{fixture, sha256_hex, weightsmith};
+use weightsmith_tests::{copy_fixture, fixture, sha256_hex, weightsmith};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = weightsmith(args);
@@ -335,12 +335,7 @@ fn ctrl_c_stops_the_merge_and_leaves_nothing_behind() {
     // The tiny Llama with one more shard holding a 1 GiB tensor (a sparse file), so the merge
     // is still writing when the signal comes.
     let tmp = tempfile::tempdir().unwrap();
-    let base = tmp.path().join("base");
-    std::fs::create_dir(&base).unwrap();
-    for entry in std::fs::read_dir(fixture("models/tiny-llama")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), base.join(entry.file_name())).unwrap();
-    }
+    let base = copy_fixture("models/tiny-llama", tmp.path());
     let (rows, cols) = (16384u64, 32768u64);
     let bytes = rows * cols * 2;
     let mut header = format!(
@@ -413,7 +408,7 @@ fn ctrl_c_stops_the_merge_and_leaves_nothing_behind() {
     let left: Vec<String> = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "base")
+        .filter(|n| n != "tiny-llama")
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -403,16 +403,7 @@ impl UploadEngine {
             self.settle(regions, Ok(()))?;
             self.flush()?;
             staged?;
-            let config = self.staging_config;
-            stage(
-                &mut self.staging,
-                &self.staging_streams,
-                config,
-                file,
-                pieces,
-                lo,
-                mid,
-            )?;
+            self.upload_pinned(file, pieces, lo, mid)?;
             return Ok(UploadPath::Pinned);
         }
         self.settle(regions, registered)?;

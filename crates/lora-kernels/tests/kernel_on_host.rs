@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use lora_kernels::cpu::merge_rows;
-use lora_kernels::gpu::{gptq_dequant_launch, merge_launch};
+use lora_kernels::gpu::{gptq_dequant_launch, merge_launch, KernelLaunch};
 use lora_kernels::{encode_half, DoraScale, LoraProduct, LoraTerm};
 use st_io::Dtype;
 
@@ -49,6 +49,20 @@ fn driver() -> &'static Path {
         );
         exe
     })
+}
+
+/// Runs `launch` on the host over the inputs in `dir` with the kernel's own parameters
+/// (driver.cpp's order) and returns the bytes it wrote.
+fn launch_on_host(launch: &KernelLaunch, params: &[i64], dir: &Path) -> Vec<u8> {
+    let shape = [launch.grid.0, launch.grid.1, launch.block.0].map(i64::from);
+    let status = Command::new(driver())
+        .arg(launch.kernel)
+        .args(params.iter().chain(&shape).map(|v| v.to_string()))
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the kernel driver failed on {launch:?}");
+    std::fs::read(dir.join("out.bin")).unwrap()
 }
 
 struct Rng(u64);
@@ -185,28 +199,17 @@ fn run(case: &Case, seed: u64) {
         _ => 2,
     };
     let launch = merge_launch(size, rows, stored_cols);
-    let status = Command::new(driver())
-        .arg(launch.kernel)
-        .args(
-            [
-                kind(case.base),
-                kind(case.out),
-                product.rank(),
-                factor_mode,
-                rows,
-                stored_cols,
-                first_row,
-                launch.grid.0 as usize,
-                launch.grid.1 as usize,
-                launch.block.0 as usize,
-            ]
-            .map(|v| v.to_string()),
-        )
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(status.success(), "the kernel driver failed");
-    let got = std::fs::read(dir.join("out.bin")).unwrap();
+    let params = [
+        kind(case.base),
+        kind(case.out),
+        product.rank(),
+        factor_mode,
+        rows,
+        stored_cols,
+        first_row,
+    ]
+    .map(|v| v as i64);
+    let got = launch_on_host(&launch, &params, &dir);
     std::fs::remove_dir_all(&dir).unwrap();
     let differ = got
         .chunks(2)
@@ -357,16 +360,7 @@ fn host_emulation_sees_a_changed_kernel() {
     std::fs::write(dir.join("right.bin"), f32_bytes(&[0.5; 4 * 16])).unwrap();
     std::fs::write(dir.join("factors.bin"), f32_bytes(&[2.0; 8])).unwrap();
     let launch = merge_launch(2, case.block.1, case.shape.1);
-    let go = |factor_mode: usize| -> Vec<u8> {
-        let status = Command::new(driver())
-            .arg(launch.kernel)
-            .args([0, 0, 4, factor_mode, 8, 16, 0, 1, 1, 256].map(|v: usize| v.to_string()))
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        std::fs::read(dir.join("out.bin")).unwrap()
-    };
+    let go = |factor_mode: i64| launch_on_host(&launch, &[0, 0, 4, factor_mode, 8, 16, 0], &dir);
     let plain = go(0);
     let scaled = go(1);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -418,31 +412,14 @@ fn gptq_dequant_kernel_gives_the_cpu_bits_on_every_gptq_fixture() {
                 _ => 2,
             };
             let launch = gptq_dequant_launch(layer.in_features, layer.out_features);
-            let status = Command::new(driver())
-                .arg(launch.kernel)
-                .args(
-                    [
-                        scales_kind,
-                        layer.params.bits as i64,
-                        layer.params.zero_offset as i64,
-                        layer.in_features as i64,
-                        layer.out_features as i64,
-                        launch.grid.0 as i64,
-                        launch.grid.1 as i64,
-                        launch.block.0 as i64,
-                    ]
-                    .map(|v| v.to_string()),
-                )
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(
-                status.success(),
-                "{name}: {}: the kernel driver failed",
-                l.module
-            );
-            let got: Vec<u32> = std::fs::read(dir.join("out.bin"))
-                .unwrap()
+            let params = [
+                scales_kind,
+                layer.params.bits as i64,
+                layer.params.zero_offset as i64,
+                layer.in_features as i64,
+                layer.out_features as i64,
+            ];
+            let got: Vec<u32> = launch_on_host(&launch, &params, &dir)
                 .chunks(4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
