@@ -38,6 +38,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Decodes little-endian F32/F16/BF16 bytes into f32 (exact).
+#[inline]
 pub fn decode_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     match dtype {
         Dtype::F32 => {
@@ -73,6 +74,7 @@ pub fn to_f32_vec(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 }
 
 /// Rounds f32 values to F16 or BF16 bytes (nearest, ties to even).
+#[inline]
 pub fn encode_half(dtype: Dtype, values: &[f32], out: &mut [u8]) -> Result<()> {
     match dtype {
         Dtype::BF16 => {
