@@ -434,11 +434,7 @@ impl UploadEngine {
         synced
     }
 
-    /// The staged path: [`StagingConfig::workers`] threads each take the next window of the
-    /// file, `pread` it into one of their two pinned buffers and enqueue its copies on that
-    /// buffer's own stream, so reads of some windows overlap the copies of others with no
-    /// barrier between windows (a barrier per window left the reads of the slowest thread
-    /// in every window on the critical path).
+    /// The staged path ([`stage`]) over `[lo, hi)`, its buffers and streams prepared first.
     fn upload_pinned(
         &mut self,
         file: &File,
@@ -673,14 +669,7 @@ fn stage_worker(
             for (k, piece_offset, part) in window_parts(pieces, start, n) {
                 let p = &pieces[k];
                 if let Dst::Cuda(a) = &p.dst {
-                    let ordinal = alloc_ordinal(a);
-                    let d = device_streams
-                        .iter()
-                        .position(|(o, _)| *o == ordinal)
-                        .ok_or(Error::Cuda {
-                            call: "stream lookup",
-                            code: format!("no stream for cuda:{ordinal}"),
-                        })?;
+                    let d = device_of(device_streams, a)?;
                     let stream = &device_streams[d].1[2 * worker + b];
                     stream.context().bind()?;
                     // SAFETY: buffer `b` is not refilled before this stream is synchronised
@@ -807,19 +796,15 @@ fn register_and_copy(
                 })??;
             wait_ns += waited.elapsed().as_nanos() as u64;
             regions.push(region);
-            for p in pieces {
-                let (ps, pe) = (base + p.offset as usize, base + p.offset as usize + p.len);
-                let (s, e) = (ps.max(chunk_start), pe.min(chunk_end));
-                if s >= e {
-                    continue;
-                }
-                if let Dst::Cuda(a) = &p.dst {
+            let window = chunk_start - base;
+            for (i, piece_offset, part) in window_parts(pieces, window, chunk_end - chunk_start) {
+                if let Dst::Cuda(a) = &pieces[i].dst {
                     let stream = stream_for(streams, a, k)?;
                     k += 1;
-                    let src = &map[s - base..e - base];
+                    let src = &map[window + part.start..window + part.end];
                     // SAFETY: `src` is registered and stays so until the streams are
                     // synchronised at the end of this function.
-                    unsafe { a.copy_from_host_async(s - ps, src, stream)? };
+                    unsafe { a.copy_from_host_async(piece_offset, src, stream)? };
                 }
             }
         }
@@ -839,20 +824,26 @@ fn register_and_copy(
     (regions, result)
 }
 
+/// The index in `streams` of the device `alloc` lives on.
+fn device_of(streams: &[(u32, Vec<Stream>)], alloc: &DeviceAlloc) -> Result<usize, Error> {
+    let ordinal = alloc_ordinal(alloc);
+    streams
+        .iter()
+        .position(|(o, _)| *o == ordinal)
+        .ok_or(Error::Cuda {
+            call: "stream lookup",
+            code: format!("no stream for cuda:{ordinal}"),
+        })
+}
+
+/// Stream `k` (round robin) of the device `alloc` lives on.
 fn stream_for<'s>(
     streams: &'s [(u32, Vec<Stream>)],
     alloc: &DeviceAlloc,
     k: usize,
 ) -> Result<&'s Stream, Error> {
-    let ordinal = alloc_ordinal(alloc);
-    streams
-        .iter()
-        .find(|(o, _)| *o == ordinal)
-        .map(|(_, s)| &s[k % s.len()])
-        .ok_or(Error::Cuda {
-            call: "stream lookup",
-            code: format!("no stream for cuda:{ordinal}"),
-        })
+    let s = &streams[device_of(streams, alloc)?].1;
+    Ok(&s[k % s.len()])
 }
 
 fn alloc_ordinal(a: &DeviceAlloc) -> u32 {
