@@ -19,9 +19,14 @@ fi
 nvidia-smi -L || true
 export WEIGHTSMITH_REPO=$PWD WEIGHTSMITH_BIN=$PWD/.bin/weightsmith WEIGHTSMITH_REQUIRE_PYTHON=1
 status=0
+# Each test binary gets 300 s: a hang (a registration that never returned, once) fails the
+# check and names the test still running instead of eating the device call.
 for t in .bin/tests/*; do
   echo "== $(basename "$t")"
-  "$t" --test-threads 1 2>&1 | grep -E "^test |test result|panicked" || status=1
+  timeout 300 "$t" --test-threads 1 > /tmp/gpu-check.log 2>&1; rc=$?
+  grep -E "^test |test result|panicked" /tmp/gpu-check.log
+  [ $rc = 124 ] && { echo "TIMED OUT after 300 s; its last output:"; tail -3 /tmp/gpu-check.log; }
+  [ $rc = 0 ] || status=1
 done
 echo "gpu-check: status $status"
 exit $status

@@ -336,6 +336,8 @@ impl Drop for Stream {
 pub struct PinnedBuffer {
     ptr: *mut u8,
     len: usize,
+    /// Bound before the free: the driver refuses it on a thread with no current context.
+    ctx: Arc<Context>,
 }
 
 // SAFETY: plain host memory owned by this value.
@@ -353,6 +355,7 @@ impl PinnedBuffer {
         Ok(PinnedBuffer {
             ptr: p as *mut u8,
             len,
+            ctx: ctx.clone(),
         })
     }
 
@@ -369,6 +372,7 @@ impl PinnedBuffer {
 
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
+        let _ = self.ctx.bind();
         // SAFETY: allocated by cuMemHostAlloc, freed once.
         unsafe {
             sys::cuMemFreeHost(self.ptr as *mut c_void);
@@ -382,6 +386,10 @@ impl Drop for PinnedBuffer {
 pub struct HostRegion {
     ptr: *mut c_void,
     len: usize,
+    /// Bound before the unregistration, which may run on another thread (the upload engine
+    /// releases regions in the background): without a current context the driver refuses it
+    /// and the pages would stay pinned, and registered, until the process exits.
+    ctx: Arc<Context>,
 }
 
 // SAFETY: the registration is process-wide; the handle is a plain address.
@@ -403,6 +411,7 @@ impl HostRegion {
         Ok(HostRegion {
             ptr: range.as_ptr() as *mut c_void,
             len: range.len(),
+            ctx: ctx.clone(),
         })
     }
 
@@ -417,6 +426,7 @@ impl HostRegion {
 
 impl Drop for HostRegion {
     fn drop(&mut self) {
+        let _ = self.ctx.bind();
         // SAFETY: registered in `register`, unregistered once.
         unsafe {
             sys::cuMemHostUnregister(self.ptr);

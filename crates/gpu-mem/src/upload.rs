@@ -1,9 +1,12 @@
 //! Copying byte ranges of a mapped file to their destinations (device allocations or host
 //! buffers) as fast as the machine allows, choosing the path per file:
 //!
-//! 1. `registered`: the file is in the page cache (`mincore`), so its mapping is registered
-//!    with the driver (read-only, 1 GiB at a time) and copied straight from, on two streams per
-//!    device; registering the next chunk overlaps the copies of this one.
+//! 1. `registered`: the file is in the page cache (`mincore`) and mapped shared, so its mapping
+//!    is registered with the driver (read-only, 512 MiB at a time) and copied straight from, on
+//!    two streams per device; registering the next chunk overlaps the copies of this one. A
+//!    private (copy-on-write) mapping is never registered: a long-term read-only pin of it
+//!    makes the kernel unshare every page, and on the H200 machines' kernel (6.18) that
+//!    registration never returned ([`mapping_is_shared`]).
 //! 2. `pinned`: the file is cold, so reader threads each `pread` the next window of the file
 //!    into one of their two pinned buffers and copy it on that buffer's stream; direct copies
 //!    from a cold mapping would fault page by page.
@@ -85,6 +88,48 @@ pub fn resident_fraction(range: &[u8]) -> f64 {
         resident += (state & 1) as usize;
     }
     resident as f64 / samples as f64
+}
+
+/// Whether every page of `range` lies in shared mappings (`s` in /proc/self/maps), the only
+/// kind the registered path may pin. A read-only long-term pin of a private file mapping
+/// (MAP_PRIVATE) makes the kernel break copy-on-write for each page (`gup_must_unshare`):
+/// on the H200 machines' kernel (6.18) `cuMemHostRegister` of a freshly written file mapped
+/// that way spun forever inside the kernel. Unknown (no /proc): false, so staging is used.
+pub fn mapping_is_shared(range: &[u8]) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    shared_in_maps(&maps, range.as_ptr() as usize, range.len())
+}
+
+/// [`mapping_is_shared`] over the text of a maps file: the mappings that cover
+/// `[start, start + len)` leave no gap and are all shared.
+fn shared_in_maps(maps: &str, start: usize, len: usize) -> bool {
+    let end = start + len;
+    let mut covered = start;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(span), Some(perms)) = (fields.next(), fields.next()) else {
+            return false;
+        };
+        let Some((a, b)) = span.split_once('-') else {
+            return false;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            return false;
+        };
+        if b <= covered || a >= end {
+            continue;
+        }
+        if a > covered || perms.as_bytes().get(3) != Some(&b's') {
+            return false;
+        }
+        covered = b;
+        if covered >= end {
+            return true;
+        }
+    }
+    covered >= end
 }
 
 /// Maps a page-cached range into this process's page tables up front (MADV_POPULATE_READ,
@@ -193,7 +238,7 @@ impl UploadEngine {
             streams,
             staging: Vec::new(),
             releaser: Some((tx, releaser)),
-            allow_register: true,
+            allow_register: std::env::var_os("WEIGHTSMITH_NO_REGISTER").is_none(),
             staging_config: StagingConfig::from_env(),
             staging_streams: contexts.iter().map(|c| (c.ordinal, Vec::new())).collect(),
             adapted_percent: None,
@@ -223,7 +268,8 @@ impl UploadEngine {
     }
 
     /// Copies `pieces` (sorted by offset, inside `map`, the whole mapped file) to their
-    /// destinations. Returns the path taken. On return every copy has completed except those
+    /// destinations. Map the file shared (`memmap2::Mmap::map`) for the registered path: a
+    /// private mapping always takes the staged one. Returns the path taken. On return every copy has completed except those
     /// of the registered path, which drain while the next file is set up: call
     /// [`UploadEngine::flush`] before using the destinations, and keep `map` and the
     /// destinations alive until then.
@@ -252,6 +298,7 @@ impl UploadEngine {
         }
         let t0 = std::time::Instant::now();
         let warm = resident_fraction(&map[lo..hi]) >= 0.9;
+        let registrable = warm && self.allow_register && mapping_is_shared(&map[lo..hi]);
         if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
             eprintln!(
                 "trace residency: {} MB checked in {:.1} ms",
@@ -266,10 +313,10 @@ impl UploadEngine {
         };
         // The mixed path needs its staging buffers; where pinned memory cannot be had, the
         // whole file takes the registered path.
-        if warm && self.allow_register && share > 0 && self.prepare_staging().is_ok() {
+        if registrable && share > 0 && self.prepare_staging().is_ok() {
             return self.upload_mixed(file, map, pieces, lo, hi, share);
         }
-        if warm && self.allow_register {
+        if registrable {
             match self.upload_registered(map, pieces, lo, hi) {
                 Ok(()) => return Ok(UploadPath::Registered),
                 Err(Error::Cuda {
@@ -891,6 +938,77 @@ mod tests {
         // SAFETY: `ptr` came from mmap with this length; `range` is not used after.
         unsafe { libc::munmap(ptr, len) };
     }
+    /// A read-only mapping of the first `len` bytes of `file` (`flags`: MAP_SHARED or
+    /// MAP_PRIVATE); the caller unmaps it.
+    fn map_file(file: &File, len: usize, flags: libc::c_int) -> *mut libc::c_void {
+        // SAFETY: a read-only mapping of a file the test owns and does not change.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                flags,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        ptr
+    }
+
+    #[test]
+    fn only_shared_mappings_count_as_shared() {
+        let maps = "\
+1000-3000 r--s 00000000 fd:01 12 /m/model.safetensors
+3000-4000 r--s 00002000 fd:01 12 /m/model.safetensors
+4000-5000 r--p 00000000 fd:01 13 /m/other
+6000-7000 r--s 00000000 fd:01 14 /m/after-a-gap
+";
+        assert!(shared_in_maps(maps, 0x1000, 0x2000));
+        assert!(
+            shared_in_maps(maps, 0x1800, 0x2800),
+            "two adjacent shared mappings"
+        );
+        assert!(
+            !shared_in_maps(maps, 0x3800, 0x1000),
+            "reaches a private mapping"
+        );
+        assert!(!shared_in_maps(maps, 0x4000, 0x10));
+        assert!(!shared_in_maps(maps, 0x5800, 0x1000), "starts in a gap");
+        assert!(!shared_in_maps(maps, 0x3000, 0x4000), "crosses a gap");
+        assert!(!shared_in_maps(maps, 0x8000, 0x10), "not mapped at all");
+        assert!(!shared_in_maps("garbage", 0x1000, 0x10));
+
+        // This process's own mappings of a file, as the kernel lists them.
+        let dir = std::env::temp_dir().join(format!("gpu-mem-maps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.bin");
+        let len = 3 * PAGE + 5;
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let file = File::open(&path).unwrap();
+        let (shared, private) = (
+            map_file(&file, len, libc::MAP_SHARED),
+            map_file(&file, len, libc::MAP_PRIVATE),
+        );
+        // SAFETY: each mapping is `len` bytes and lives until munmap below.
+        let (s, p) = unsafe {
+            (
+                std::slice::from_raw_parts(shared as *const u8, len),
+                std::slice::from_raw_parts(private as *const u8, len),
+            )
+        };
+        assert!(mapping_is_shared(s));
+        assert!(mapping_is_shared(&s[PAGE + 1..]));
+        assert!(!mapping_is_shared(p));
+        assert!(!mapping_is_shared(&[0u8; 64]), "the stack");
+        // SAFETY: both came from mmap with this length; the slices are not used after.
+        unsafe {
+            libc::munmap(shared, len);
+            libc::munmap(private, len);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Every device path (registered, staged, mixed, and the staged path with several
     /// windows per piece and pieces per window) puts the same bytes where they belong. Needs a
     /// GPU: without a driver it has nothing to test and returns (gpu-check runs it there).
@@ -916,21 +1034,17 @@ mod tests {
             .collect();
         std::fs::write(&path, &bytes).unwrap();
         let file = File::open(&path).unwrap();
-        // SAFETY: a private read-only mapping of a file this test owns and does not change;
-        // unmapped at the end.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
+        // Shared, as st-io maps checkpoints (memmap2::Mmap::map); the private mapping is the
+        // last case.
+        let shared = map_file(&file, len, libc::MAP_SHARED);
+        let private = map_file(&file, len, libc::MAP_PRIVATE);
+        // SAFETY: each mapping is `len` bytes and lives until munmap below.
+        let (map, private_map) = unsafe {
+            (
+                std::slice::from_raw_parts(shared as *const u8, len),
+                std::slice::from_raw_parts(private as *const u8, len),
             )
         };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        // SAFETY: the mapping is `len` bytes and lives until munmap below.
-        let map = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
         // Pieces of odd sizes with gaps between them, the first not at offset 0, one empty.
         let mut ranges = Vec::new();
         let mut at = 3usize;
@@ -973,7 +1087,15 @@ mod tests {
                 },
             ),
         ];
-        for (label, register, config) in configs {
+        let private_index = configs.len();
+        let private_case = (
+            "a private mapping (registration allowed, never used)",
+            true,
+            StagingConfig::default(),
+        );
+        for (k, (label, register, config)) in configs.into_iter().chain([private_case]).enumerate()
+        {
+            let map = if k == private_index { private_map } else { map };
             let allocs: Vec<DeviceAlloc> = ranges
                 .iter()
                 .map(|&(_, n)| DeviceAlloc::new(&ctx, n).unwrap())
@@ -997,6 +1119,11 @@ mod tests {
             }
             engine.flush().unwrap();
             engine.finish();
+            if k == private_index {
+                assert_eq!(path_taken, UploadPath::Pinned, "{label}");
+            } else if register && config.warm_staged_percent == 0 {
+                assert_eq!(path_taken, UploadPath::Registered, "{label}");
+            }
             for (&(offset, n), a) in ranges.iter().zip(&allocs) {
                 let mut back = vec![0u8; n];
                 a.copy_to_host(0, &mut back).unwrap();
@@ -1007,8 +1134,11 @@ mod tests {
                 );
             }
         }
-        // SAFETY: `ptr` came from mmap with this length; `map` is not used after.
-        unsafe { libc::munmap(ptr, len) };
+        // SAFETY: both came from mmap with this length; the slices are not used after.
+        unsafe {
+            libc::munmap(shared, len);
+            libc::munmap(private, len);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
     /// The windows of the staged path, taken in any order, put every byte of every piece in
