@@ -16,11 +16,9 @@ rm -rf "$W"; mkdir -p "$W"
 nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv
 python3 scripts/make_synthetic.py "$W" --preset 8b --rank 4 > /dev/null
 M="$W/base"
-cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-warm() { cat "$M"/*.safetensors > /dev/null; }
+source scripts/device-lib.sh
 # EXTRA: more load options, e.g. EXTRA="--strategy balanced" on several GPUs. PEERS=0 skips
 # the peers and the fixtures (a quicker run).
-ours() { .bin/weightsmith load "$M" --cache-seq-len 4096 --json ${EXTRA:-} "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'label': sys.argv[1], 'seconds': round(r['seconds'],3), 'copy_gb_per_s': round(r['gb_per_s'],2), 'files': [p for _, p in r['files']], 'verified': r['verified_tensors'], 'devices': [(d['device'], d['allocated_bytes'], d['mem_info_delta_bytes']) for d in r['devices']]}))" "$LABEL"; }
 warm; LABEL=ours-warm ours
 warm; LABEL=ours-warm-2 ours
 warm; LABEL=ours-warm-pinned ours --no-register

@@ -41,9 +41,7 @@ echo "== load"
 W=/tmp/wsload; rm -rf "$W"; mkdir -p "$W"
 python3 scripts/make_synthetic.py "$W" --preset 8b --rank 4 > /dev/null
 M="$W/base"
-cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-warm() { cat "$M"/*.safetensors > /dev/null; }
-ours() { .bin/weightsmith load "$M" --cache-seq-len 4096 --json "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'label': sys.argv[1], 'seconds': round(r['seconds'],3), 'copy_gb_per_s': round(r['gb_per_s'],2), 'files': sorted(set(p for _, p in r['files'])), 'verified': r['verified_tensors']}))" "$LABEL"; }
+source scripts/device-lib.sh
 warm
 python3 scripts/pread_probe.py "$M" 1 4 8 12 16
 python3 scripts/load_peers.py "$M" pinned pinned-copy-ceiling

@@ -23,27 +23,7 @@ awk '/^Node/{z=$4} /present/{p=$2} /managed/{print "zone", z, "present", p, "man
 cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null
 df -T /tmp . | tail -2
 
-# probe LABEL SECONDS CMD...: runs CMD; if it is still running after SECONDS, prints the kernel
-# stack of each of its threads and kills it.
-probe() {
-  local label=$1 secs=$2; shift 2
-  "$@" > /tmp/probe.out 2>&1 &
-  local pid=$! i
-  for ((i = 0; i < secs * 4; i++)); do sleep 0.25; kill -0 $pid 2>/dev/null || break; done
-  if kill -0 $pid 2>/dev/null; then
-    echo "$label: STILL RUNNING after $secs s"
-    for t in /proc/$pid/task/*; do
-      s=$(head -12 "$t/stack" 2>/dev/null | tr '\n' ' ')
-      [ -n "$s" ] && echo "  $(cat "$t/comm" 2>/dev/null): $s"
-    done
-    kill -9 $pid; wait $pid 2>/dev/null
-    tail -3 /tmp/probe.out
-    return 1
-  fi
-  wait $pid; local rc=$?
-  echo "$label: rc=$rc"; grep -E "trace registered|GB/s|error" /tmp/probe.out | head -4
-  return $rc
-}
+source scripts/device-lib.sh
 echo "== registration on a shipped fixture"
 F=fixtures/models/tiny-llama
 REG=0; cat $F/*.safetensors > /dev/null
@@ -55,14 +35,6 @@ echo "== 8B checkpoint"
 W=/tmp/wsload; rm -rf "$W"; mkdir -p "$W"
 timeout 150 python3 scripts/make_synthetic.py "$W" --preset 8b --rank 4 > /dev/null || echo "make_synthetic failed"
 M="$W/base"; ls -la "$M" | head -8
-cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-warm() { cat "$M"/*.safetensors > /dev/null; }
-ours() {
-  [ "$(left)" -gt 30 ] || { echo "$LABEL: skipped (time)"; return; }
-  timeout 40 .bin/weightsmith load "$M" --cache-seq-len 4096 --json "$@" > /tmp/ours.json 2>/tmp/ours.err \
-    && python3 -c "import json,sys; r=json.load(open('/tmp/ours.json')); print(json.dumps({'label': sys.argv[1], 'seconds': round(r['seconds'],3), 'copy_gb_per_s': round(r['gb_per_s'],2), 'files': sorted(set(p for _, p in r['files'])), 'verified': r['verified_tensors']}))" "$LABEL" \
-    || { echo "$LABEL: failed or timed out"; tail -2 /tmp/ours.err; }
-}
 warm
 timeout 60 python3 scripts/pread_probe.py "$M" 1 8 16
 timeout 60 python3 scripts/load_peers.py "$M" pinned pinned-copy-ceiling

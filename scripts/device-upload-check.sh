@@ -17,12 +17,8 @@ echo "== 8B checkpoint ($(($(date +%s) - T0)) s)"
 W=/tmp/wsload; rm -rf "$W"; mkdir -p "$W"
 timeout 150 python3 scripts/make_synthetic.py "$W" --preset 8b --rank 4 > /dev/null || echo "make_synthetic failed"
 M="$W/base"
-ours() {
-  timeout 40 .bin/weightsmith load "$M" --cache-seq-len 4096 --json "$@" > /tmp/ours.json 2>/tmp/ours.err \
-    && python3 -c "import json,sys; r=json.load(open('/tmp/ours.json')); print(json.dumps({'label': sys.argv[1], 'seconds': round(r['seconds'],3), 'copy_gb_per_s': round(r['gb_per_s'],2), 'files': sorted(set(p for _, p in r['files'])), 'verified': r['verified_tensors']}))" "$LABEL" \
-    || { echo "$LABEL: failed or timed out"; tail -2 /tmp/ours.err; }
-}
-cat "$M"/*.safetensors > /dev/null
+source scripts/device-lib.sh
+warm
 timeout 60 python3 scripts/load_peers.py "$M" safetensors safetensors-warm
 for i in 1 2 3; do LABEL=registered-$i ours; done
 LABEL=staged ours --no-register
