@@ -398,6 +398,8 @@ unsafe impl Sync for HostRegion {}
 
 impl HostRegion {
     /// Registers `range`, which must be page-aligned in address and length (the caller rounds).
+    /// Register shared mappings only ([`crate::upload::mapping_is_shared`]): pinning a private
+    /// file mapping makes the kernel unshare each page, and on one 6.18 kernel never returned.
     ///
     /// # Safety
     /// `range` must stay mapped until this value is dropped.
