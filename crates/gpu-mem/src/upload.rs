@@ -269,10 +269,10 @@ impl UploadEngine {
 
     /// Copies `pieces` (sorted by offset, inside `map`, the whole mapped file) to their
     /// destinations. Map the file shared (`memmap2::Mmap::map`) for the registered path: a
-    /// private mapping always takes the staged one. Returns the path taken. On return every copy has completed except those
-    /// of the registered path, which drain while the next file is set up: call
-    /// [`UploadEngine::flush`] before using the destinations, and keep `map` and the
-    /// destinations alive until then.
+    /// private mapping always takes the staged one. Returns the path taken. On return every
+    /// copy has completed except those of the registered path, which drain while the next
+    /// file is set up: call [`UploadEngine::flush`] before using the destinations, and keep
+    /// `map` and the destinations alive until then.
     pub fn upload(
         &mut self,
         file: &File,
