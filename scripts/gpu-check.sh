@@ -10,14 +10,16 @@ if [ "${1:-}" = "--build" ]; then
   rm -rf .bin/tests && mkdir -p .bin/tests
   cp target/release/weightsmith .bin/
   # The tests whose behaviour changes with a GPU present (the carried tree must stay small).
-  cargo test --no-run -p gpu-mem -p weightsmith-tests 2>&1 | grep -o '(target/[^)]*)' | tr -d '()' \
-    | grep -E 'gpu_mem-|cli_load-|cli_plan-|cli_merge-|merge_fixtures-|quantized-' | while read -r exe; do cp "$exe" .bin/tests/; done
+  # kernel_on_host runs every merge-kernel case on the GPU too when one is present.
+  cargo test --no-run -p gpu-mem -p lora-kernels -p weightsmith-tests 2>&1 | grep -o '(target/[^)]*)' | tr -d '()' \
+    | grep -E 'gpu_mem-|kernel_on_host-|cli_load-|cli_plan-|cli_merge-|merge_fixtures-|quantized-' | while read -r exe; do cp "$exe" .bin/tests/; done
   strip .bin/weightsmith .bin/tests/*
   ls .bin/tests
   exit 0
 fi
 nvidia-smi -L || true
 export WEIGHTSMITH_REPO=$PWD WEIGHTSMITH_BIN=$PWD/.bin/weightsmith WEIGHTSMITH_REQUIRE_PYTHON=1
+export WEIGHTSMITH_REQUIRE_GPU=1
 status=0
 # Each test binary gets 300 s: a hang (a registration that never returned, once) fails the
 # check and names the test still running instead of eating the device call.

@@ -1,5 +1,5 @@
-//! The merge kernel's own rate on a GPU, with no host copies: `lora_merge_v8` over a
-//! device-resident 16-bit weight, launched back to back, timed from the first launch to the
+//! The merge kernel's own rate on a GPU, with no host copies: the kernel the merge picks
+//! (`gpu::merge_launch`) over a device-resident 16-bit weight, launched back to back, timed from the first launch to the
 //! synchronisation after the last. Bytes counted: W read + W' written (the LoRA factors are a
 //! few MB and stay in L2).
 //!
@@ -9,14 +9,19 @@
 //! `scripts/device-kernel-rate.sh` runs it beside torch's device copy (the memory ceiling) and
 //! torch's `addmm` merge on the same shape.
 //!
-//! To compare a variant of the kernel without rebuilding: `WEIGHTSMITH_MERGE_PTX=FILE` loads
-//! that PTX instead of the embedded one, `WEIGHTSMITH_MERGE_ROWS=N` the rows per thread it was
-//! built for (`nvcc -ptx -arch=compute_75 -fmad=false -DWS_ROWS=N kernels/merge.cu`).
+//! To compare kernels: `WEIGHTSMITH_MERGE_KERNEL=NAME` runs that one instead (`lora_merge_v8`
+//! or any of `gpu::REGISTER_VARIANTS`), `WEIGHTSMITH_MERGE_BLOCKS=N` gives a register
+//! variant's launch that target of blocks, `WEIGHTSMITH_MERGE_PTX=FILE` loads that PTX instead
+//! of the embedded one and `WEIGHTSMITH_MERGE_ROWS=N` the rows per thread its `lora_merge_v8`
+//! was built for (`nvcc -ptx -arch=compute_75 -fmad=false -DWS_ROWS=N kernels/merge.cu`).
 
 use std::time::Instant;
 
 use gpu_mem::cuda::{Context, DeviceAlloc, KernelArg, Module, Stream};
-use lora_kernels::gpu::{MERGE_PTX, MERGE_V8_ROWS};
+use lora_kernels::gpu::{
+    merge_launch, register_launch, register_variant, KernelLaunch, MERGE_PTX, MERGE_V8_ROWS,
+    REGISTER_TARGET_BLOCKS, REGISTER_VARIANTS,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<usize> = std::env::args()
@@ -55,6 +60,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let left = fill(rows * rank * 4, &|i| f32_bytes[i % 4])?;
     let right = fill(rank * cols * 4, &|i| f32_bytes[i % 4])?;
     let out = DeviceAlloc::new(&ctx, rows * cols * 2)?;
+    let forced = std::env::var("WEIGHTSMITH_MERGE_KERNEL").ok();
+    let blocks = match std::env::var("WEIGHTSMITH_MERGE_BLOCKS") {
+        Ok(n) => n.parse::<usize>()?.max(1),
+        Err(_) => REGISTER_TARGET_BLOCKS,
+    };
+    let variant = match forced.as_deref() {
+        None | Some("lora_merge_v8") => None,
+        Some(name) => Some(
+            *REGISTER_VARIANTS
+                .iter()
+                .find(|v| v.kernel == name)
+                .ok_or_else(|| format!("no merge kernel {name}"))?,
+        ),
+    };
+    if let Some(v) = &variant {
+        if !v.takes(rank, cols) {
+            return Err(
+                format!("{} does not take rank {rank} over {cols} columns", v.kernel).into(),
+            );
+        }
+    }
+    if (forced.is_some() && variant.is_none() || (variant.is_none() && rank > 64)) && cols % 8 != 0
+    {
+        return Err("cols must be a multiple of 8 for lora_merge_v8".into());
+    }
+    let pick = |n: usize| -> KernelLaunch {
+        match (&variant, forced.as_deref()) {
+            (Some(v), _) => register_launch(v, n, cols, blocks),
+            (None, Some(_)) => KernelLaunch {
+                kernel: "lora_merge_v8",
+                grid: (
+                    ((cols / 8) as u32).div_ceil(256),
+                    (n.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
+                    1,
+                ),
+                block: (256, 1, 1),
+            },
+            (None, None) => match register_variant(2, cols, rank, true) {
+                Some(v) => register_launch(&v, n, cols, blocks),
+                None => merge_launch(2, n, cols, rank, true),
+            },
+        }
+    };
+    let launched = pick(per_launch);
     let launch = |first: usize, n: usize| -> Result<(), gpu_mem::Error> {
         let offset = (first * cols * 2) as u64;
         let args = [
@@ -71,18 +120,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             KernelArg::I64(cols as i64),
             KernelArg::I64(first as i64),
         ];
-        let grid = (
-            ((cols / 8) as u32).div_ceil(256),
-            (n.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
-            1,
-        );
-        // SAFETY: the arguments match lora_merge_v8 (kernels/merge.cu); W and out hold rows ×
-        // cols BF16 values, left rows × rank and right rank × cols f32; cols % 8 == 0.
-        unsafe { module.launch("lora_merge_v8", grid, (256, 1, 1), &stream, &args) }
+        let KernelLaunch {
+            kernel,
+            grid,
+            block,
+        } = pick(n);
+        // SAFETY: the arguments match the merge kernels' (kernels/merge.cu); W and out hold
+        // rows × cols BF16 values, left rows × rank and right rank × cols f32, `left` has no
+        // zero; the launch is one `pick` allows for this shape.
+        unsafe { module.launch(kernel, grid, block, &stream, &args) }
     };
-    if cols % 8 != 0 {
-        return Err("cols must be a multiple of 8 for lora_merge_v8".into());
-    }
     let pass = || -> Result<(), gpu_mem::Error> {
         let mut first = 0;
         while first < rows {
@@ -103,7 +150,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seconds = started.elapsed().as_secs_f64() / iterations as f64;
     let bytes = (rows * cols * 2 * 2) as f64;
     println!(
-        "{{\"label\": \"weightsmith-lora_merge_v8\", \"ptx\": \"{label}\", \"rows_per_thread\": {rows_per_thread}, \"rows\": {rows}, \"cols\": {cols}, \"rank\": {rank}, \"rows_per_launch\": {per_launch}, \"ms\": {:.3}, \"gb_per_s\": {:.1}}}",
+        "{{\"label\": \"weightsmith-{}\", \"ptx\": \"{label}\", \"grid\": [{}, {}], \"rows\": {rows}, \"cols\": {cols}, \"rank\": {rank}, \"rows_per_launch\": {per_launch}, \"ms\": {:.3}, \"gb_per_s\": {:.1}}}",
+        launched.kernel,
+        launched.grid.0,
+        launched.grid.1,
         seconds * 1e3,
         bytes / seconds / 1e9
     );

@@ -28,11 +28,104 @@ pub struct KernelLaunch {
     pub block: (u32, u32, u32),
 }
 
+/// A kernel of kernels/merge.cu that keeps `right` in registers (`lora_merge_rR_cCuU`,
+/// `ws_merge_rr<R, C, U>`): its largest rank, columns per thread and rows per step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterVariant {
+    pub kernel: &'static str,
+    pub max_rank: usize,
+    pub cols_per_thread: usize,
+    pub rows_per_step: usize,
+}
+
+impl RegisterVariant {
+    /// Whether this variant merges a product of `rank` over `cols` columns.
+    pub fn takes(&self, rank: usize, cols: usize) -> bool {
+        rank > 0 && rank % 4 == 0 && rank <= self.max_rank && cols % self.cols_per_thread == 0
+    }
+}
+
+const fn rr(kernel: &'static str, max_rank: usize, cols: usize, rows: usize) -> RegisterVariant {
+    RegisterVariant {
+        kernel,
+        max_rank,
+        cols_per_thread: cols,
+        rows_per_step: rows,
+    }
+}
+
+/// Every right-in-registers kernel in the PTX, in order of preference. Only ranks up to 16:
+/// above that `lora_merge_v8` is faster (on an H200, 14336 × 4096 BF16, variants of 32 and
+/// 64 rank bounds ran at 0.71 and 0.28 TB/s against its 0.91 and 0.52; kernels/merge.cu).
+pub const REGISTER_VARIANTS: &[RegisterVariant] = &[rr("lora_merge_r16_c4u4", 16, 4, 4)];
+
+/// Blocks a right-in-registers launch aims for (about eight per SM of an H100 or H200, two
+/// resident at a time); fewer when the rows run out first. On an H200, 1024 beat 2048, 4096
+/// and 8192 on every Llama-3-8B shape.
+pub const REGISTER_TARGET_BLOCKS: usize = 1024;
+
+/// The right-in-registers variant that merges a tensor of this rank and width, if any: a
+/// 16-bit base, a rank one of them takes (divisible by 4, up to its bound), `cols` divisible
+/// by its columns per thread and a `left` with no zero coefficient (the CPU skips terms whose
+/// coefficient is zero; these kernels have no test per term).
+pub fn register_variant(
+    base_elem_bytes: usize,
+    cols: usize,
+    rank: usize,
+    left_dense: bool,
+) -> Option<RegisterVariant> {
+    if base_elem_bytes != 2 || !left_dense {
+        return None;
+    }
+    REGISTER_VARIANTS
+        .iter()
+        .find(|v| v.takes(rank, cols))
+        .copied()
+}
+
+/// The launch of `variant` over `rows` × `cols`: 256 threads a block, each block `256 · C`
+/// columns, the rows cut into as many chunks as make about `target_blocks` blocks (each chunk
+/// at least one step of rows).
+pub fn register_launch(
+    variant: &RegisterVariant,
+    rows: usize,
+    cols: usize,
+    target_blocks: usize,
+) -> KernelLaunch {
+    let gx = cols.div_ceil(variant.cols_per_thread).div_ceil(256).max(1);
+    let gy = target_blocks
+        .div_ceil(gx)
+        .min(rows.div_ceil(variant.rows_per_step))
+        .clamp(1, 65535);
+    KernelLaunch {
+        kernel: variant.kernel,
+        grid: (gx as u32, gy as u32, 1),
+        block: (256, 1, 1),
+    }
+}
+
 /// The launch of a block of `rows` stored rows of `cols` columns whose base values are
-/// `base_elem_bytes` wide: eight columns and [`MERGE_V8_ROWS`] rows per thread with 16-byte
-/// accesses where the layout allows (`lora_merge_v8`), else one element (`lora_merge`). Row
-/// groups past the grid's 65535 are strided by the kernels themselves.
-pub fn merge_launch(base_elem_bytes: usize, rows: usize, cols: usize) -> KernelLaunch {
+/// `base_elem_bytes` wide, for a LoRA product of `rank` whose `left` has no zero when
+/// `left_dense`: a right-in-registers kernel where [`register_variant`] finds one; else eight
+/// columns and [`MERGE_V8_ROWS`] rows per thread with 16-byte accesses where the layout allows
+/// (`lora_merge_v8`, which also skips zero coefficients and takes any rank); else one element
+/// (`lora_merge`). Row groups past the grid's 65535 are strided by the kernels themselves.
+pub fn merge_launch(
+    base_elem_bytes: usize,
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    left_dense: bool,
+) -> KernelLaunch {
+    match register_variant(base_elem_bytes, cols, rank, left_dense) {
+        Some(v) => register_launch(&v, rows, cols, REGISTER_TARGET_BLOCKS),
+        None => general_launch(base_elem_bytes, rows, cols),
+    }
+}
+
+/// The launch of the kernels that take any rank and zero coefficients: `lora_merge_v8` where
+/// the layout allows 16-byte accesses, else `lora_merge`.
+pub fn general_launch(base_elem_bytes: usize, rows: usize, cols: usize) -> KernelLaunch {
     let vector = base_elem_bytes == 2 && cols % 8 == 0;
     let (kernel, per_thread, rows_per_thread) = if vector {
         ("lora_merge_v8", 8, MERGE_V8_ROWS)
@@ -274,6 +367,7 @@ impl GpuMerger {
             left: product.map(|p| self.upload(p.left())).transpose()?,
             right: product.map(|p| self.upload(p.right())).transpose()?,
             rank: product.map_or(0, |p| p.rank()),
+            left_dense: product.is_some_and(|p| p.left().iter().all(|&v| v != 0.0)),
             factors: dora.map(|d| self.upload(d.factors())).transpose()?,
             factor_per_column: dora.is_some_and(|d| d.transposed()),
         })
@@ -357,7 +451,7 @@ impl GpuMerger {
             kernel,
             grid,
             block,
-        } = merge_launch(size, rows, cols);
+        } = merge_launch(size, rows, cols, t.rank, t.left_dense);
         let staged_out = &mut pin_out.as_mut_slice()[..out.len()];
         // SAFETY: the pinned buffers are neither read nor written by the host until the
         // synchronisation below; the arguments match `lora_merge`'s parameters
@@ -404,6 +498,8 @@ pub struct GpuTensor {
     left: Option<DeviceAlloc>,
     right: Option<DeviceAlloc>,
     rank: usize,
+    /// No coefficient of `left` is zero (the right-in-registers kernels need it).
+    left_dense: bool,
     factors: Option<DeviceAlloc>,
     factor_per_column: bool,
 }

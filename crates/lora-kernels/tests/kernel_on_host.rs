@@ -5,23 +5,36 @@
 //! checks the kernels' indexing, their order of operations and every branch (the
 //! four-terms-at-a-time path, zero coefficients, ranks not divisible by four, short row groups,
 //! DoRA factors per row and per column, F16 rounding, every GPTQ bit width and zero convention)
-//! on any machine with a C++ compiler; what it cannot check (the PTX compiler, the GPU)
-//! `scripts/gpu-check.sh` checks on a GPU.
+//! on any machine with a C++ compiler. With a CUDA device present (`scripts/gpu-check.sh`),
+//! every merge case also runs the embedded PTX on the GPU, which must write the same bytes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use lora_kernels::cpu::merge_rows;
-use lora_kernels::gpu::{gptq_dequant_launch, merge_launch, KernelLaunch};
+use lora_kernels::gpu::{
+    general_launch, gptq_dequant_launch, merge_launch, register_launch, KernelLaunch,
+    RegisterVariant, REGISTER_VARIANTS,
+};
 use lora_kernels::{encode_half, DoraScale, LoraProduct, LoraTerm};
 use st_io::Dtype;
+
+/// The crate's folder: WEIGHTSMITH_REPO/crates/lora-kernels where that is set (test
+/// executables carried to another machine, as `scripts/gpu-check.sh` runs them), else where
+/// it was built.
+fn crate_dir() -> PathBuf {
+    match std::env::var_os("WEIGHTSMITH_REPO") {
+        Some(root) => PathBuf::from(root).join("crates/lora-kernels"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
 
 /// The driver, compiled once per test process.
 fn driver() -> &'static Path {
     static DRIVER: OnceLock<PathBuf> = OnceLock::new();
     DRIVER.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernel_host/driver.cpp");
+        let src = crate_dir().join("tests/kernel_host/driver.cpp");
         let exe = std::env::temp_dir().join(format!("ws-kernel-host-{}", std::process::id()));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let out = Command::new(&cxx)
@@ -52,7 +65,10 @@ fn driver() -> &'static Path {
 }
 
 /// Runs `launch` on the host over the inputs in `dir` with the kernel's own parameters
-/// (driver.cpp's order) and returns the bytes it wrote.
+/// (driver.cpp's order) and returns the bytes it wrote. Where a CUDA device is present (the
+/// device check, `scripts/gpu-check.sh`, which sets WEIGHTSMITH_REQUIRE_GPU so a missing one
+/// fails), a merge kernel also runs there on the same inputs from the embedded PTX and must
+/// write the same bytes: every case then checks the GPU against the CPU too.
 fn launch_on_host(launch: &KernelLaunch, params: &[i64], dir: &Path) -> Vec<u8> {
     let shape = [launch.grid.0, launch.grid.1, launch.block.0].map(i64::from);
     let status = Command::new(driver())
@@ -62,7 +78,100 @@ fn launch_on_host(launch: &KernelLaunch, params: &[i64], dir: &Path) -> Vec<u8> 
         .status()
         .unwrap();
     assert!(status.success(), "the kernel driver failed on {launch:?}");
-    std::fs::read(dir.join("out.bin")).unwrap()
+    let host = std::fs::read(dir.join("out.bin")).unwrap();
+    if launch.kernel.starts_with("lora_merge") {
+        if let Some(device) = merge_on_device(launch, params, dir) {
+            if let Some(i) = device.iter().zip(&host).position(|(d, h)| d != h) {
+                panic!(
+                    "{launch:?} {params:?}: byte {i} is {:#04x} on the GPU, {:#04x} on the host",
+                    device[i], host[i]
+                );
+            }
+        }
+    }
+    host
+}
+
+/// Whether merge kernels run on a CUDA device too.
+fn device_present() -> bool {
+    let present = gpu_mem::cuda::driver_available() && gpu_mem::cuda::device_count() > 0;
+    assert!(
+        present || std::env::var_os("WEIGHTSMITH_REQUIRE_GPU").is_none(),
+        "WEIGHTSMITH_REQUIRE_GPU is set but no CUDA device was found"
+    );
+    present
+}
+
+/// `launch` of a merge kernel on device 0 over the inputs in `dir` (params as for the
+/// driver: base kind, out kind, rank, factor mode, rows, cols, first row).
+fn merge_on_device(launch: &KernelLaunch, params: &[i64], dir: &Path) -> Option<Vec<u8>> {
+    use gpu_mem::cuda::{Context, DeviceAlloc, KernelArg, Module, Stream};
+    if !device_present() {
+        return None;
+    }
+    let [base_kind, out_kind, rank, factor_mode, rows, cols, first_row] = params else {
+        panic!("merge parameters: {params:?}");
+    };
+    let ctx = Context::new(0).unwrap();
+    let module = Module::load_ptx(&ctx, lora_kernels::gpu::MERGE_PTX).unwrap();
+    let stream = Stream::new(&ctx).unwrap();
+    let mut keep = Vec::new();
+    let mut put = |name: &str| -> u64 {
+        let path = dir.join(name);
+        if !path.exists() {
+            return 0;
+        }
+        let bytes = std::fs::read(path).unwrap();
+        let a = DeviceAlloc::new(&ctx, bytes.len().max(16)).unwrap();
+        // SAFETY: `bytes` is kept alive in `keep` until the synchronisation below.
+        unsafe { a.copy_from_host_async(0, &bytes, &stream).unwrap() };
+        let ptr = a.device_ptr();
+        keep.push((a, bytes));
+        ptr
+    };
+    let base = put("base.bin");
+    let (left, right) = if *rank > 0 {
+        (put("left.bin"), put("right.bin"))
+    } else {
+        (0, 0)
+    };
+    let factors = if *factor_mode > 0 {
+        put("factors.bin")
+    } else {
+        0
+    };
+    let n = (rows * cols * 2) as usize;
+    let out = DeviceAlloc::new(&ctx, n.max(16)).unwrap();
+    let mut got = vec![0xA5u8; n];
+    // SAFETY: `out` is filled with the host's sentinel first, so an element the kernel skips
+    // shows; the arguments match the merge kernels' parameters (kernels/merge.cu) and every
+    // buffer holds what the driver's would: base rows × cols, left (first row + rows) × rank,
+    // right rank × cols, factors one per row or column.
+    unsafe {
+        out.copy_from_host_async(0, &got, &stream).unwrap();
+        stream.synchronize().unwrap();
+        let args = [
+            KernelArg::Ptr(base),
+            KernelArg::I32(*base_kind as i32),
+            KernelArg::Ptr(left),
+            KernelArg::Ptr(right),
+            KernelArg::I32(*rank as i32),
+            KernelArg::Ptr(factors),
+            KernelArg::I32((*factor_mode == 2) as i32),
+            KernelArg::Ptr(out.device_ptr()),
+            KernelArg::I32(*out_kind as i32),
+            KernelArg::I64(*rows),
+            KernelArg::I64(*cols),
+            KernelArg::I64(*first_row),
+        ];
+        module
+            .launch(launch.kernel, launch.grid, launch.block, &stream, &args)
+            .unwrap();
+        out.copy_to_host_async(0, &mut got, &stream).unwrap();
+    }
+    stream.synchronize().unwrap();
+    drop(keep);
+    Some(got)
 }
 
 struct Rng(u64);
@@ -98,7 +207,22 @@ struct Case {
     block: (usize, usize),
 }
 
-fn run(case: &Case, seed: u64) {
+/// Which launch a case runs.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// The merge's own choice (`merge_launch`).
+    Merge,
+    /// `lora_merge_v8` / `lora_merge` whatever the rank.
+    General,
+    /// This right-in-registers variant, with a target of this many blocks.
+    Register(RegisterVariant, usize),
+}
+
+fn run(case: &Case, seed: u64) -> &'static str {
+    run_as(case, seed, Pick::Merge)
+}
+
+fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
     let mut rng = Rng(seed | 1);
     let (out, inp) = case.shape;
     let (stored_rows, stored_cols) = if case.transposed {
@@ -198,7 +322,12 @@ fn run(case: &Case, seed: u64) {
         Dtype::F16 => 1,
         _ => 2,
     };
-    let launch = merge_launch(size, rows, stored_cols);
+    let dense = product.left().iter().all(|&v| v != 0.0);
+    let launch = match pick {
+        Pick::Merge => merge_launch(size, rows, stored_cols, product.rank(), dense),
+        Pick::General => general_launch(size, rows, stored_cols),
+        Pick::Register(v, blocks) => register_launch(&v, rows, stored_cols, blocks),
+    };
     let params = [
         kind(case.base),
         kind(case.out),
@@ -232,6 +361,7 @@ fn run(case: &Case, seed: u64) {
             &expected[2 * i..2 * i + 2],
         );
     }
+    launch.kernel
 }
 
 #[test]
@@ -248,7 +378,7 @@ fn vector_kernel_takes_four_terms_at_a_time_with_the_cpu_bits() {
         dora: false,
         block: (0, 40),
     };
-    run(&case, 1);
+    assert_eq!(run_as(&case, 1, Pick::General), "lora_merge_v8");
 }
 
 #[test]
@@ -309,7 +439,7 @@ fn vector_kernel_matches_with_dora_per_row_and_per_column() {
             dora: true,
             block: (4, 20),
         };
-        run(&case, 21);
+        assert_eq!(run_as(&case, 21, Pick::General), "lora_merge_v8");
     }
 }
 
@@ -330,9 +460,7 @@ fn scalar_kernel_matches_on_f32_bases_and_odd_widths() {
             dora: true,
             block: (2, shape.0 - 2),
         };
-        let launch = merge_launch(if base == Dtype::F32 { 4 } else { 2 }, 1, shape.1);
-        assert_eq!(launch.kernel, "lora_merge");
-        run(&case, 31);
+        assert_eq!(run(&case, 31), "lora_merge");
     }
 }
 
@@ -359,7 +487,8 @@ fn host_emulation_sees_a_changed_kernel() {
     std::fs::write(dir.join("left.bin"), f32_bytes(&[0.25; 8 * 4])).unwrap();
     std::fs::write(dir.join("right.bin"), f32_bytes(&[0.5; 4 * 16])).unwrap();
     std::fs::write(dir.join("factors.bin"), f32_bytes(&[2.0; 8])).unwrap();
-    let launch = merge_launch(2, case.block.1, case.shape.1);
+    let launch = merge_launch(2, case.block.1, case.shape.1, 4, true);
+    assert!(launch.kernel.starts_with("lora_merge_r16"), "{launch:?}");
     let go = |factor_mode: i64| launch_on_host(&launch, &[0, 0, 4, factor_mode, 8, 16, 0], &dir);
     let plain = go(0);
     let scaled = go(1);
@@ -374,9 +503,131 @@ fn host_emulation_sees_a_changed_kernel() {
 }
 
 #[test]
+fn register_kernels_are_chosen_for_dense_ranks_up_to_64() {
+    let pick = |cols, rank, dense| merge_launch(2, 4096, cols, rank, dense).kernel;
+    assert!(pick(4096, 16, true).starts_with("lora_merge_r16_"));
+    assert!(pick(4096, 8, true).starts_with("lora_merge_r16_"));
+    assert!(pick(4096, 12, true).starts_with("lora_merge_r16_"));
+    // Above 16 lora_merge_v8 is faster (measured on an H200: kernels/merge.cu).
+    assert_eq!(pick(4096, 20, true), "lora_merge_v8");
+    assert_eq!(pick(4096, 32, true), "lora_merge_v8");
+    assert_eq!(pick(4096, 64, true), "lora_merge_v8");
+    // Zero coefficients, ranks above 64 or not divisible by 4, f32 bases: the general kernels.
+    assert_eq!(pick(4096, 16, false), "lora_merge_v8");
+    assert_eq!(pick(4096, 128, true), "lora_merge_v8");
+    assert_eq!(pick(4096, 6, true), "lora_merge_v8");
+    assert_eq!(merge_launch(4, 64, 4096, 16, true).kernel, "lora_merge");
+    // Every launch covers every column and at least one row per chunk.
+    for v in REGISTER_VARIANTS {
+        for (rows, cols) in [
+            (1, 2048),
+            (4096, 4096),
+            (14336, 4096),
+            (4096, 14336),
+            (7, 36),
+        ] {
+            if !v.takes(v.max_rank, cols) {
+                continue;
+            }
+            let l = register_launch(v, rows, cols, 2048);
+            assert!(l.grid.0 as usize * 256 * v.cols_per_thread >= cols, "{l:?}");
+            assert!(l.grid.1 as usize <= rows.div_ceil(v.rows_per_step), "{l:?}");
+            assert!(
+                l.grid.0 >= 1 && l.grid.1 >= 1 && l.block == (256, 1, 1),
+                "{l:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_register_kernel_gives_the_cpu_bits() {
+    // Each variant on every rank it takes (multiples of 4 up to its bound, one of them from two
+    // adapters), BF16 and F16 both ways, chunks that end mid-step and blocks that start inside
+    // the tensor, columns that leave a block's last threads idle.
+    let mut seed = 100;
+    for v in REGISTER_VARIANTS {
+        let ranks: Vec<usize> = (4..=v.max_rank)
+            .step_by(4)
+            .filter(|&r| v.takes(r, 4 * v.cols_per_thread))
+            .collect();
+        for (i, &rank) in ranks.iter().enumerate() {
+            let split: &'static [usize] = Box::leak(if i % 3 == 1 && rank >= 8 {
+                vec![4, rank - 4].into_boxed_slice()
+            } else {
+                vec![rank].into_boxed_slice()
+            });
+            let (base, out) = [
+                (Dtype::BF16, Dtype::BF16),
+                (Dtype::F16, Dtype::BF16),
+                (Dtype::BF16, Dtype::F16),
+            ][i % 3];
+            let cols = 4 * v.cols_per_thread * (3 + i % 5) + 256 * v.cols_per_thread * (i % 2);
+            let case = Case {
+                base,
+                out,
+                shape: (23 + i, cols),
+                transposed: false,
+                ranks: split,
+                zero_every: 0,
+                dora: false,
+                block: (i % 4, 19),
+            };
+            // 5 blocks' target: chunks of several steps with a short last one.
+            let blocks = if i % 2 == 0 { 5 } else { 1 };
+            seed += 1;
+            assert_eq!(run_as(&case, seed, Pick::Register(*v, blocks)), v.kernel);
+        }
+    }
+}
+
+#[test]
+fn register_kernels_give_the_cpu_bits_with_dora_per_row_and_per_column() {
+    for v in REGISTER_VARIANTS {
+        for (transposed, base, out) in [
+            (false, Dtype::F16, Dtype::BF16),
+            (true, Dtype::BF16, Dtype::F16),
+        ] {
+            let case = Case {
+                base,
+                out,
+                shape: (32, 24 * v.cols_per_thread),
+                transposed,
+                ranks: &[8],
+                zero_every: 0,
+                dora: true,
+                block: (4, 20),
+            };
+            let got = run_as(&case, 41, Pick::Register(*v, 3));
+            assert_eq!(got, v.kernel);
+        }
+    }
+}
+
+#[test]
+fn merge_choice_falls_back_to_v8_on_zero_coefficients_with_the_cpu_bits() {
+    let case = Case {
+        base: Dtype::BF16,
+        out: Dtype::BF16,
+        shape: (24, 512),
+        transposed: false,
+        ranks: &[16],
+        zero_every: 9,
+        dora: false,
+        block: (0, 24),
+    };
+    assert_eq!(run(&case, 51), "lora_merge_v8");
+    let dense = Case {
+        zero_every: 0,
+        ..case
+    };
+    assert!(run(&dense, 52).starts_with("lora_merge_r16_"));
+}
+
+#[test]
 fn gptq_dequant_kernel_gives_the_cpu_bits_on_every_gptq_fixture() {
     use lora_kernels::dequant::GptqLayer;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/quantized");
+    let root = crate_dir().join("../../fixtures/quantized");
     let mut layers = 0;
     for name in [
         "tiny-llama-gptq-4bit",

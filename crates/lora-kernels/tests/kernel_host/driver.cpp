@@ -2,7 +2,7 @@
 // host, thread after thread, for tests/kernel_on_host.rs (which compiles this file with the
 // system C++ compiler).
 //
-//   driver lora_merge|lora_merge_v8 BASE_KIND OUT_KIND RANK FACTOR_MODE ROWS COLS FIRST_ROW GRID_X GRID_Y BLOCK_X DIR
+//   driver lora_merge|lora_merge_v8|lora_merge_r16_c4u4 BASE_KIND OUT_KIND RANK FACTOR_MODE ROWS COLS FIRST_ROW GRID_X GRID_Y BLOCK_X DIR
 //     DIR holds base.bin (the block's rows), left.bin and right.bin (f32; absent when RANK is
 //     0), factors.bin (f32, FACTOR_MODE 1 per row, 2 per column; absent for 0); out.bin (16-bit)
 //     is written.
@@ -113,14 +113,30 @@ int main(int argc, char** argv) {
     float* factors = factor_mode ? (float*)aligned_copy(slurp(dir + "/factors.bin")) : nullptr;
     std::vector<unsigned char> out_bytes((size_t)(rows * cols * 2), 0xA5);
     unsigned short* out = (unsigned short*)aligned_copy(out_bytes);
-    if (kernel != "lora_merge_v8" && kernel != "lora_merge") {
+    typedef void (*vector_kernel)(const unsigned short*, int, const float*, const float*, int,
+                                  const float*, int, unsigned short*, int, long long, long long,
+                                  long long);
+    static const struct {
+        const char* name;
+        vector_kernel f;
+    } kernels[] = {
+        {"lora_merge_v8", lora_merge_v8},
+        {"lora_merge_r16_c4u4", lora_merge_r16_c4u4},
+    };
+    vector_kernel f = nullptr;
+    for (const auto& k : kernels) {
+        if (kernel == k.name) {
+            f = k.f;
+        }
+    }
+    if (!f && kernel != "lora_merge") {
         std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
         return 2;
     }
     run_grid(gx, gy, bx, [&] {
-        if (kernel == "lora_merge_v8") {
-            lora_merge_v8((const unsigned short*)base, base_kind, left, right, rank, factors,
-                          factor_mode == 2, out, out_kind, rows, cols, first_row);
+        if (f) {
+            f((const unsigned short*)base, base_kind, left, right, rank, factors,
+              factor_mode == 2, out, out_kind, rows, cols, first_row);
         } else {
             lora_merge(base, base_kind, left, right, rank, factors, factor_mode == 2, out,
                        out_kind, rows, cols, first_row);

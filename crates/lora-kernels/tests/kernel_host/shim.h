@@ -10,6 +10,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(threads, blocks)
 
 struct ws_dim3 {
     unsigned int x, y, z;
@@ -18,6 +19,9 @@ static ws_dim3 blockIdx, blockDim, threadIdx, gridDim;
 
 struct alignas(16) float4 {
     float x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned int x, y;
 };
 struct alignas(16) uint4 {
     unsigned int x, y, z, w;
