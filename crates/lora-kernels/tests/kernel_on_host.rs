@@ -207,6 +207,22 @@ struct Case {
     block: (usize, usize),
 }
 
+impl Case {
+    /// BF16 to BF16, stored as `[out, in]`, no zero coefficient, no DoRA, every row merged.
+    fn plain(shape: (usize, usize), ranks: &'static [usize]) -> Case {
+        Case {
+            base: Dtype::BF16,
+            out: Dtype::BF16,
+            shape,
+            transposed: false,
+            ranks,
+            zero_every: 0,
+            dora: false,
+            block: (0, shape.0),
+        }
+    }
+}
+
 /// Which launch a case runs.
 #[derive(Clone, Copy)]
 enum Pick {
@@ -368,16 +384,7 @@ fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
 fn vector_kernel_takes_four_terms_at_a_time_with_the_cpu_bits() {
     // Rank 16: every row group full (40 rows = 10 groups of 4) takes the four-term path; 64
     // columns leave most of a block's threads idle (the early return).
-    let case = Case {
-        base: Dtype::BF16,
-        out: Dtype::BF16,
-        shape: (40, 64),
-        transposed: false,
-        ranks: &[16],
-        zero_every: 0,
-        dora: false,
-        block: (0, 40),
-    };
+    let case = Case::plain((40, 64), &[16]);
     assert_eq!(run_as(&case, 1, Pick::General), "lora_merge_v8");
 }
 
@@ -424,22 +431,29 @@ fn vector_kernel_matches_on_ranks_not_divisible_by_four_and_short_row_groups() {
 }
 
 #[test]
-fn vector_kernel_matches_with_dora_per_row_and_per_column() {
-    for (transposed, base, out) in [
-        (false, Dtype::F16, Dtype::BF16),
-        (true, Dtype::BF16, Dtype::F16),
-    ] {
-        let case = Case {
-            base,
-            out,
-            shape: (32, 24),
-            transposed,
-            ranks: &[8],
-            zero_every: 0,
-            dora: true,
-            block: (4, 20),
-        };
-        assert_eq!(run_as(&case, 21, Pick::General), "lora_merge_v8");
+fn vector_and_register_kernels_match_with_dora_per_row_and_per_column() {
+    let picks = std::iter::once((Pick::General, "lora_merge_v8")).chain(
+        REGISTER_VARIANTS
+            .iter()
+            .map(|v| (Pick::Register(*v, 3), v.kernel)),
+    );
+    for (pick, kernel) in picks {
+        for (transposed, base, out) in [
+            (false, Dtype::F16, Dtype::BF16),
+            (true, Dtype::BF16, Dtype::F16),
+        ] {
+            let case = Case {
+                base,
+                out,
+                shape: (32, 96),
+                transposed,
+                ranks: &[8],
+                zero_every: 0,
+                dora: true,
+                block: (4, 20),
+            };
+            assert_eq!(run_as(&case, 21, pick), kernel);
+        }
     }
 }
 
@@ -503,7 +517,7 @@ fn host_emulation_sees_a_changed_kernel() {
 }
 
 #[test]
-fn register_kernels_are_chosen_for_dense_ranks_up_to_64() {
+fn register_kernel_is_chosen_for_dense_ranks_up_to_16() {
     let pick = |cols, rank, dense| merge_launch(2, 4096, cols, rank, dense).kernel;
     assert!(pick(4096, 16, true).starts_with("lora_merge_r16_"));
     assert!(pick(4096, 8, true).starts_with("lora_merge_r16_"));
@@ -582,45 +596,13 @@ fn every_register_kernel_gives_the_cpu_bits() {
 }
 
 #[test]
-fn register_kernels_give_the_cpu_bits_with_dora_per_row_and_per_column() {
-    for v in REGISTER_VARIANTS {
-        for (transposed, base, out) in [
-            (false, Dtype::F16, Dtype::BF16),
-            (true, Dtype::BF16, Dtype::F16),
-        ] {
-            let case = Case {
-                base,
-                out,
-                shape: (32, 24 * v.cols_per_thread),
-                transposed,
-                ranks: &[8],
-                zero_every: 0,
-                dora: true,
-                block: (4, 20),
-            };
-            let got = run_as(&case, 41, Pick::Register(*v, 3));
-            assert_eq!(got, v.kernel);
-        }
-    }
-}
-
-#[test]
 fn merge_choice_falls_back_to_v8_on_zero_coefficients_with_the_cpu_bits() {
-    let case = Case {
-        base: Dtype::BF16,
-        out: Dtype::BF16,
-        shape: (24, 512),
-        transposed: false,
-        ranks: &[16],
+    let sparse = Case {
         zero_every: 9,
-        dora: false,
-        block: (0, 24),
+        ..Case::plain((24, 512), &[16])
     };
-    assert_eq!(run(&case, 51), "lora_merge_v8");
-    let dense = Case {
-        zero_every: 0,
-        ..case
-    };
+    assert_eq!(run(&sparse, 51), "lora_merge_v8");
+    let dense = Case::plain((24, 512), &[16]);
     assert!(run(&dense, 52).starts_with("lora_merge_r16_"));
 }
 
