@@ -309,23 +309,8 @@ extern "C" __global__ void __launch_bounds__(256, 3) lora_merge_v8(
 // Launch: block (256), grid (ceil(cols / C / 256), chunks); chunk y takes rows
 // [y·per, (y+1)·per) with per = ceil(rows / gridDim.y).
 
+// Four 16-bit values of W or out, moved as one 8-byte access.
 template <int C> struct ws_raw;
-template <> struct ws_raw<1> {
-    unsigned short v;
-    __device__ __forceinline__ void load(const unsigned short* p) { v = *p; }
-    __device__ __forceinline__ unsigned short at(int) const { return v; }
-    __device__ __forceinline__ void set(int, unsigned short h) { v = h; }
-    __device__ __forceinline__ void store(unsigned short* p) const { *p = v; }
-};
-template <> struct ws_raw<2> {
-    unsigned int v;
-    __device__ __forceinline__ void load(const unsigned short* p) { v = *(const unsigned int*)p; }
-    __device__ __forceinline__ unsigned short at(int e) const { return (unsigned short)(v >> (16 * e)); }
-    __device__ __forceinline__ void set(int e, unsigned short h) {
-        v = e == 0 ? (v & 0xffff0000u) | h : (v & 0xffffu) | ((unsigned int)h << 16);
-    }
-    __device__ __forceinline__ void store(unsigned short* p) const { *(unsigned int*)p = v; }
-};
 template <> struct ws_raw<4> {
     uint2 v;
     __device__ __forceinline__ void load(const unsigned short* p) { v = *(const uint2*)p; }

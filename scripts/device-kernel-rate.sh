@@ -27,7 +27,7 @@ if [ "${CHECK:-0}" = 1 ]; then
 fi
 # Every kernel of the merge's launch shapes: lora_merge_v8 and the register
 # variants of gpu.rs (a variant that does not take a rank says so and is skipped).
-VARIANTS="lora_merge_v8 $(grep -o 'r[rx]("lora_merge_[0-9a-z_]*"' crates/lora-kernels/src/gpu.rs | sed 's/r[rx]("//; s/"//' | tr '\n' ' ')"
+VARIANTS="lora_merge_v8 $(grep -o 'kernel: "lora_merge_r[0-9a-z_]*"' crates/lora-kernels/src/gpu.rs | sed 's/kernel: "//; s/"//' | tr '\n' ' ')"
 if [ "${PROFILE:-0}" = 1 ]; then
   # SASS of the kernels (ptxas for sm_90, cuobjdump) and Nsight Compute's view of a few.
   export PATH=$PATH:/usr/local/cuda/bin

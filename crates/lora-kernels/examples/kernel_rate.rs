@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use gpu_mem::cuda::{Context, DeviceAlloc, KernelArg, Module, Stream};
 use lora_kernels::gpu::{
-    merge_launch, register_launch, register_variant, KernelLaunch, MERGE_PTX, MERGE_V8_ROWS,
+    general_launch, register_launch, register_variant, KernelLaunch, MERGE_PTX, MERGE_V8_ROWS,
     REGISTER_TARGET_BLOCKS, REGISTER_VARIANTS,
 };
 
@@ -81,25 +81,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    if (forced.is_some() && variant.is_none() || (variant.is_none() && rank > 64)) && cols % 8 != 0
-    {
+    if forced.as_deref() == Some("lora_merge_v8") && cols % 8 != 0 {
         return Err("cols must be a multiple of 8 for lora_merge_v8".into());
     }
+    // lora_merge_v8 with the rows per thread its PTX was built for.
+    let v8 = |n: usize| KernelLaunch {
+        kernel: "lora_merge_v8",
+        grid: (
+            ((cols / 8) as u32).div_ceil(256),
+            (n.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
+            1,
+        ),
+        block: (256, 1, 1),
+    };
     let pick = |n: usize| -> KernelLaunch {
         match (&variant, forced.as_deref()) {
             (Some(v), _) => register_launch(v, n, cols, blocks),
-            (None, Some(_)) => KernelLaunch {
-                kernel: "lora_merge_v8",
-                grid: (
-                    ((cols / 8) as u32).div_ceil(256),
-                    (n.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
-                    1,
-                ),
-                block: (256, 1, 1),
-            },
+            (None, Some(_)) => v8(n),
             (None, None) => match register_variant(2, cols, rank, true) {
                 Some(v) => register_launch(&v, n, cols, blocks),
-                None => merge_launch(2, n, cols, rank, true),
+                None if cols % 8 == 0 => v8(n),
+                None => general_launch(2, n, cols),
             },
         }
     };

@@ -45,19 +45,15 @@ impl RegisterVariant {
     }
 }
 
-const fn rr(kernel: &'static str, max_rank: usize, cols: usize, rows: usize) -> RegisterVariant {
-    RegisterVariant {
-        kernel,
-        max_rank,
-        cols_per_thread: cols,
-        rows_per_step: rows,
-    }
-}
-
 /// Every right-in-registers kernel in the PTX, in order of preference. Only ranks up to 16:
 /// above that `lora_merge_v8` is faster (on an H200, 14336 × 4096 BF16, variants of 32 and
 /// 64 rank bounds ran at 0.71 and 0.28 TB/s against its 0.91 and 0.52; kernels/merge.cu).
-pub const REGISTER_VARIANTS: &[RegisterVariant] = &[rr("lora_merge_r16_c4u4", 16, 4, 4)];
+pub const REGISTER_VARIANTS: &[RegisterVariant] = &[RegisterVariant {
+    kernel: "lora_merge_r16_c4u4",
+    max_rank: 16,
+    cols_per_thread: 4,
+    rows_per_step: 4,
+}];
 
 /// Blocks a right-in-registers launch aims for (about eight per SM of an H100 or H200, two
 /// resident at a time); fewer when the rows run out first. On an H200, 1024 beat 2048, 4096
