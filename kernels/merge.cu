@@ -1,16 +1,18 @@
 // merge.cu — the LoRA merge on the GPU, the same arithmetic as lora-kernels/src/cpu.rs so both
 // give the same bits:
 //
-//   out[r][c] = round16( (W[r][c] + Σ_j left[r][j] · right[j][c]) · factor )
+//   d         = Σ_j left[r][j] · right[j][c]     from +0, j in order, one fused multiply-add
+//                                                 (__fmaf_rn, IEEE fma) per term, no term skipped
+//   out[r][c] = round16( (W[r][c] + d) · factor )  one rounded add, one rounded multiply
 //
-// in f32, terms in j order, one multiply and one add each (no fused multiply-add: __fmul_rn
-// and __fadd_rn), terms whose `left` is 0 skipped; `factor` is DoRA's m/‖W+ΔW‖ (per stored row,
-// or per stored column when the weight is stored transposed), 1 without DoRA. W is BF16, F16
-// or F32; the output BF16 (round to nearest even, NaN made quiet) or F16 (cvt.rn).
+// in f32; `factor` is DoRA's m/‖W+ΔW‖ (per stored row, or per stored column when the weight is
+// stored transposed), none without DoRA; without a product (`left` null) the value is W itself.
+// W is BF16, F16 or F32; the output BF16 (round to nearest even, NaN made quiet) or F16 (cvt.rn).
+// The compiler may not contract or reassociate: every operation is an explicit _rn intrinsic.
 //
-// Launch: block (256), grid (ceil(cols / 256), min(rows, 65535)); rows are strided by
-// gridDim.y. `base` and `out` hold the block of `rows` rows starting at stored row
-// `first_row`; `left` is indexed by the stored row within the whole tensor.
+// Every kernel takes the same parameters: `base` and `out` hold the block of `rows` rows
+// starting at stored row `first_row`; `left` ([stored_rows][rank]) is indexed by the stored row
+// within the whole tensor, `right` is [rank][cols].
 
 // F16 conversions through the PTX instructions on the device; compiled for the host (the
 // kernels' host emulation in lora-kernels' tests) they come from that test's shim.
@@ -57,23 +59,9 @@ extern "C" __device__ unsigned short ws_round16(float v, int kind) {
     return (unsigned short)((bits + rounding) >> 16);
 }
 
-// 16-bit decoding and ws_round16 without a branch on the kind: both computed, one selected (a
-// branch per element on a uniform kind cost the vector kernels several instructions each).
-__device__ __forceinline__ float ws_decode16_sel(unsigned short h, int kind) {
-    float b = __int_as_float(((unsigned int)h) << 16);
-    float f = ws_f16_to_f32(h);
-    return kind == 0 ? b : f;
-}
-
-__device__ __forceinline__ unsigned short ws_round16_sel(float v, int kind) {
-    unsigned short h = ws_f32_to_f16(v);
-    unsigned int bits = __float_as_uint(v);
-    unsigned int rounding = 0x7fffu + ((bits >> 16) & 1u);
-    unsigned short b = (bits & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((bits >> 16) | 0x0040u)
-                                                          : (unsigned short)((bits + rounding) >> 16);
-    return kind == 1 ? h : b;
-}
-
+// lora_merge: one element per thread, any base dtype and width (F32 bases, widths not divisible
+// by 4). Launch: block (256), grid (ceil(cols / 256), min(rows, 65535)); rows are strided by
+// gridDim.y.
 extern "C" __global__ void lora_merge(
     const void* base, int base_kind,
     const float* left, const float* right, int rank,
@@ -90,12 +78,11 @@ extern "C" __global__ void lora_merge(
         long long row = first_row + r;
         float acc = ws_load(base, base_kind, i);
         if (left != 0) {
+            float d = 0.0f;
             for (int j = 0; j < rank; ++j) {
-                float l = left[row * rank + j];
-                if (l != 0.0f) {
-                    acc = __fadd_rn(acc, __fmul_rn(l, right[(long long)j * cols + c]));
-                }
+                d = __fmaf_rn(left[row * rank + j], right[(long long)j * cols + c], d);
             }
+            acc = __fadd_rn(acc, d);
         }
         if (factors != 0) {
             acc = __fmul_rn(acc, factor_per_column ? factors[c] : factors[row]);
@@ -104,336 +91,192 @@ extern "C" __global__ void lora_merge(
     }
 }
 
-// lora_merge_v8: the same arithmetic, eight columns per thread with 16-byte loads and stores
-// of W and out (a thread's two-byte accesses leave the memory system mostly idle), and
-// WS_ROWS rows per thread, so each 32-byte run of `right` is loaded once per term for all of
-// them (loading it once per row made the kernel bound by those loads: 830 GB/s at r = 16 and
-// 230 GB/s at r = 64 on an H100, against 2.9 TB/s for a plain copy). Each element still sums
-// its terms in j order, one multiply and one add each, skipping zero `left` values: the bits
-// are those of lora_merge. Full row groups of a rank divisible by 4 take four terms per step
-// (one 16-byte load of each row's `left` values, all four runs of `right` in flight together,
-// where one dependent load per term left the loop waiting on latency: on an H200, 14336 × 4096
-// BF16, 1.29 -> 1.48 TB/s at r = 16 and 0.38 -> 0.52 at r = 64). Tried and slower there:
-// 8 rows per thread (0.84 / 0.36 TB/s), blocks of 8 × 32 threads so a block's warps share 64
-// columns of `right` in L1 (1.37 / 0.51). Three blocks of 256 threads per SM
-// (__launch_bounds__: 80 registers, a few bytes spilled, where the compiler took 96-119 and
-// fit two) with per-column DoRA factors loaded once per thread and the 16-bit conversions
-// without a branch per element: 14336 × 4096, 1.47 -> 1.55 TB/s at r = 16, 0.91 -> 0.96 at
-// r = 32, 0.52 -> 0.53 at r = 64 (the conversions alone, at 119 registers, were slower:
-// 1.39 / 0.86 / 0.50). For
-// 16-bit W with cols % 8 == 0; `left` 16-byte aligned (its own allocation).
-// Launch: block (256), grid (ceil(cols / 8 / 256), min(ceil(rows / WS_ROWS), 65535)); row
-// groups are strided by gridDim.y.
-#ifndef WS_ROWS
-#define WS_ROWS 4
-#endif
-// One term: a multiply and an add, each rounded. -DWS_FMA_PROBE makes it one fused multiply-add
-// to measure what the bit-exact arithmetic costs (other bits than the CPU's: never built by
-// the xtask, only by scripts/device-load-probe.sh). On an H200, 14336 × 4096 BF16: 1.65 TB/s
-// at r = 16 and 0.63 at r = 64 against 1.48 and 0.52, so the separate rounding is not what
-// keeps the kernel from the 3.99 TB/s of a device copy.
-#ifdef WS_FMA_PROBE
-#define WS_TERM(acc, l, r) __fmaf_rn((l), (r), (acc))
-#else
-#define WS_TERM(acc, l, r) __fadd_rn((acc), __fmul_rn((l), (r)))
-#endif
+// lora_merge_tile_{bb,bh,hb,hh}: the merge as a register-tiled product, for 16-bit W with
+// cols % 4 == 0 and any rank, one kernel per pair of base and output dtypes (b BF16, h F16:
+// the conversions compiled for their kinds, not selected per element). A block of 256 threads
+// owns a tile of 16·R rows × 64·H columns; thread (ty, tx) owns rows R·ty .. R·ty+R-1 and
+// columns 4·tx .. 4·tx+3 of each 64-column group, so the warp's reads of the staged `right`
+// are conflict-free and its accesses of W and out are 128-byte runs. The terms go through
+// shared memory WS_KC at a time: the tile's `left` (transposed, so a thread reads its rows'
+// coefficients as R/4 16-byte words; loaded four terms per 16-byte load where the rank allows)
+// and `right`; per term a thread makes 4·R·H fused multiply-adds for R/4 + H shared loads. W
+// is read after the terms are summed, which is why d starts from +0 and W is added last.
+// On an H200, BF16, r = 16 / 32 / 64 (scripts/device-kernel-rate.sh), 14336 × 4096:
+// 1.54 / 1.25 / 0.80 TB/s, 4096 × 4096: 1.34 / 1.07 / 0.72, against 1.58 / 0.96 / 0.53 and
+// 1.32 / - / 0.50 for the kernels before it (one multiply and one add per term, right in
+// registers up to r = 16); torch's addmm 1.49 / 1.50 / 1.52 and a device copy 4.0. Tried in
+// the same runs and slower: 8 rows × 8 columns a thread (1.11 / 0.97 / 0.71 at 14336 × 4096,
+// two blocks per SM at 128 registers), 8 × 4 (1.40 / 1.18 / 0.77), 4 × 4 (1.35 / 0.79 / 0.45
+// before the 16-byte `left` loads), W loaded before the terms are summed (spills; 2-5 %
+// slower), the conversions selected per element at run time (1-3 % slower). Ranks above ~20 are
+// bound by the fused multiply-adds themselves: r per element, 33.5 T a second on an H200,
+// so at r = 64 no exact f32 kernel passes ~2.1 TB/s.
+// Launch: block (256), grid (ceil(cols / (64·H)), min(ceil(rows / (16·R)), 65535)); row tiles
+// are strided by gridDim.y.
+#define WS_KC 32
 
-__device__ __forceinline__ void ws_unpack8(uint4 w, int kind, float* acc) {
-    unsigned short h[8];
-    h[0] = (unsigned short)(w.x & 0xffffu); h[1] = (unsigned short)(w.x >> 16);
-    h[2] = (unsigned short)(w.y & 0xffffu); h[3] = (unsigned short)(w.y >> 16);
-    h[4] = (unsigned short)(w.z & 0xffffu); h[5] = (unsigned short)(w.z >> 16);
-    h[6] = (unsigned short)(w.w & 0xffffu); h[7] = (unsigned short)(w.w >> 16);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        acc[e] = ws_decode16_sel(h[e], kind);
+// 16-bit decoding and rounding for a kind known at compile time: K = 0 BF16, 1 F16.
+template <int K>
+__device__ __forceinline__ float ws_decode(unsigned short h) {
+    if (K == 0) {
+        return __int_as_float(((unsigned int)h) << 16);
     }
+    return ws_f16_to_f32(h);
 }
 
-__device__ __forceinline__ uint4 ws_pack8(const float* acc, int kind) {
-    unsigned short o[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        o[e] = ws_round16_sel(acc[e], kind);
+template <int K>
+__device__ __forceinline__ unsigned short ws_encode(float v) {
+    if (K == 0) {
+        unsigned int bits = __float_as_uint(v);
+        unsigned int rounding = 0x7fffu + ((bits >> 16) & 1u);
+        return (bits & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((bits >> 16) | 0x0040u)
+                                                  : (unsigned short)((bits + rounding) >> 16);
     }
-    uint4 v;
-    v.x = (unsigned int)o[0] | ((unsigned int)o[1] << 16);
-    v.y = (unsigned int)o[2] | ((unsigned int)o[3] << 16);
-    v.z = (unsigned int)o[4] | ((unsigned int)o[5] << 16);
-    v.w = (unsigned int)o[6] | ((unsigned int)o[7] << 16);
-    return v;
+    return ws_f32_to_f16(v);
 }
 
-__device__ __forceinline__ void ws_merge_v8(
-    const unsigned short* base, int base_kind,
-    const float* left, const float* right, int rank,
-    const float* factors, int factor_per_column,
-    unsigned short* out, int out_kind,
+template <int R, int H, int BK, int OK>
+__device__ __forceinline__ void ws_merge_tile(
+    const unsigned short* base, const float* left, const float* right, int rank,
+    const float* factors, int factor_per_column, unsigned short* out,
     long long rows, long long cols, long long first_row)
 {
-    long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
-    if (c >= cols) {
-        return;
-    }
-    // DoRA factors per column are this thread's eight, loaded once.
-    float fcol[8];
+    __shared__ float4 ls[WS_KC][(16 * R) / 4];
+    __shared__ float4 rs[WS_KC][16 * H];
+    const int tid = threadIdx.x;
+    const int tx = tid & 15;
+    const int ty = tid >> 4;
+    const long long c0 = (long long)blockIdx.x * (64 * H);
+    for (long long r0 = (long long)blockIdx.y * (16 * R); r0 < rows; r0 += (long long)gridDim.y * (16 * R)) {
+        float d[R][4 * H];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        fcol[e] = factors != 0 && factor_per_column ? factors[c + e] : 1.0f;
-    }
-    for (long long r0 = (long long)blockIdx.y * WS_ROWS; r0 < rows; r0 += (long long)gridDim.y * WS_ROWS) {
-        int n = rows - r0 < WS_ROWS ? (int)(rows - r0) : WS_ROWS;
-        float acc[WS_ROWS][8];
+        for (int i = 0; i < R; ++i) {
 #pragma unroll
-        for (int k = 0; k < WS_ROWS; ++k) {
-            if (k < n) {
-                ws_unpack8(*(const uint4*)(base + (r0 + k) * cols + c), base_kind, acc[k]);
+            for (int e = 0; e < 4 * H; ++e) {
+                d[i][e] = 0.0f;
             }
         }
-        if (left != 0) {
-            int j = 0;
-            if (n == WS_ROWS && (rank & 3) == 0) {
-                // Four terms at a time: each row's four `left` values in one 16-byte load,
-                // the four runs of `right` loaded together, so the loads of a step are in
-                // flight at once instead of one dependent load per term. Rows whose four
-                // values are all non-zero (the usual case) add them without a test each.
-                const float* lp = left + (first_row + r0) * rank;
-                for (; j < rank; j += 4) {
-                    float4 lv[WS_ROWS];
-#pragma unroll
-                    for (int k = 0; k < WS_ROWS; ++k) {
-                        lv[k] = *(const float4*)(lp + (long long)k * rank + j);
+        for (int k0 = 0; left != 0 && k0 < rank; k0 += WS_KC) {
+            const int kc = rank - k0 < WS_KC ? rank - k0 : WS_KC;
+            // The previous pass (or row tile) has finished reading the staged terms.
+            __syncthreads();
+            float* lsf = (float*)ls;
+            if ((rank & 3) == 0) {
+                // Four terms of a row in one 16-byte load: a warp reads whole runs of `left`.
+                for (int e = tid; e < (16 * R) * (WS_KC / 4); e += 256) {
+                    int row = e / (WS_KC / 4);
+                    int k = (e % (WS_KC / 4)) * 4;
+                    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    if (k < kc && r0 + row < rows) {
+                        v = *(const float4*)(left + (first_row + r0 + row) * rank + k0 + k);
                     }
-                    float rv[4][8];
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const float4* rj = (const float4*)(right + (long long)(j + q) * cols + c);
-                        float4 a = rj[0];
-                        float4 b = rj[1];
-                        rv[q][0] = a.x; rv[q][1] = a.y; rv[q][2] = a.z; rv[q][3] = a.w;
-                        rv[q][4] = b.x; rv[q][5] = b.y; rv[q][6] = b.z; rv[q][7] = b.w;
+                    lsf[k * (16 * R) + row] = v.x;
+                    lsf[(k + 1) * (16 * R) + row] = v.y;
+                    lsf[(k + 2) * (16 * R) + row] = v.z;
+                    lsf[(k + 3) * (16 * R) + row] = v.w;
+                }
+            } else {
+                for (int e = tid; e < (16 * R) * WS_KC; e += 256) {
+                    int row = e % (16 * R);
+                    int k = e / (16 * R);
+                    float v = 0.0f;
+                    if (k < kc && r0 + row < rows) {
+                        v = left[(first_row + r0 + row) * rank + k0 + k];
                     }
-#pragma unroll
-                    for (int k = 0; k < WS_ROWS; ++k) {
-                        float l[4] = {lv[k].x, lv[k].y, lv[k].z, lv[k].w};
-                        if (l[0] != 0.0f && l[1] != 0.0f && l[2] != 0.0f && l[3] != 0.0f) {
-#pragma unroll
-                            for (int q = 0; q < 4; ++q) {
-#pragma unroll
-                                for (int e = 0; e < 8; ++e) {
-                                    acc[k][e] = WS_TERM(acc[k][e], l[q], rv[q][e]);
-                                }
-                            }
-                        } else {
-#pragma unroll
-                            for (int q = 0; q < 4; ++q) {
-                                if (l[q] != 0.0f) {
-#pragma unroll
-                                    for (int e = 0; e < 8; ++e) {
-                                        acc[k][e] = WS_TERM(acc[k][e], l[q], rv[q][e]);
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    lsf[k * (16 * R) + row] = v;
                 }
             }
-            for (; j < rank; ++j) {
-                const float4* rj = (const float4*)(right + (long long)j * cols + c);
-                float4 a = rj[0];
-                float4 b = rj[1];
-                float rv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int k = 0; k < WS_ROWS; ++k) {
-                    if (k < n) {
-                        float l = left[(first_row + r0 + k) * rank + j];
-                        if (l != 0.0f) {
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) {
-                                acc[k][e] = WS_TERM(acc[k][e], l, rv[e]);
-                            }
-                        }
-                    }
+            for (int e = tid; e < WS_KC * 16 * H; e += 256) {
+                int k = e / (16 * H);
+                int c4 = e % (16 * H);
+                long long col = c0 + c4 * 4;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (k < kc && col < cols) {
+                    v = *(const float4*)(right + (long long)(k0 + k) * cols + col);
                 }
+                rs[k][c4] = v;
             }
-        }
+            __syncthreads();
+#pragma unroll 4
+            for (int k = 0; k < kc; ++k) {
+                float a[R];
 #pragma unroll
-        for (int k = 0; k < WS_ROWS; ++k) {
-            if (k < n) {
-                long long row = first_row + r0 + k;
-                if (factors != 0) {
-                    float frow = factor_per_column ? 1.0f : factors[row];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        acc[k][e] = __fmul_rn(acc[k][e], factor_per_column ? fcol[e] : frow);
-                    }
+                for (int q = 0; q < R / 4; ++q) {
+                    float4 av = ls[k][ty * (R / 4) + q];
+                    a[4 * q] = av.x;
+                    a[4 * q + 1] = av.y;
+                    a[4 * q + 2] = av.z;
+                    a[4 * q + 3] = av.w;
                 }
-                *(uint4*)(out + (r0 + k) * cols + c) = ws_pack8(acc[k], out_kind);
-            }
-        }
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3) lora_merge_v8(
-    const unsigned short* base, int base_kind,
-    const float* left, const float* right, int rank,
-    const float* factors, int factor_per_column,
-    unsigned short* out, int out_kind,
-    long long rows, long long cols, long long first_row)
-{
-    ws_merge_v8(base, base_kind, left, right, rank, factors, factor_per_column, out, out_kind,
-                rows, cols, first_row);
-}
-
-// lora_merge_r16_c4u4: `right` held in registers, for dense products of rank <= 16. A thread
-// owns C = 4 adjacent columns and keeps their values of `right` (R × C floats) in registers
-// for a whole chunk of rows, so `right` is read once per thread, not once per row group. Per
-// row it reads the row's `left` values (one 16-byte load per four terms, the same address for
-// the whole warp) and W, adds the terms in j order, one multiply and one add each, and writes
-// out: the bits of lora_merge. U = 4 rows are taken together, and the next U rows of W are
-// loaded before the current ones are summed, so loads stay in flight.
-// On an H200 (BF16, r = 16, 1024 blocks): 14336 × 4096 1.57 TB/s, 4096 × 14336 1.60,
-// 4096 × 4096 1.31, against lora_merge_v8's 1.47 / 1.45 / 1.29 before this change and torch's
-// addmm at 1.48 / 1.47 / 1.54 (scripts/device-kernel-rate.sh). Tried there and slower, so not
-// kept: 2 columns per thread (1.15 TB/s), 8 rows per step (0.65), rank bounds 32 and 64 (0.71
-// and 0.28 TB/s at their ranks against lora_merge_v8's 0.91 and 0.52: with fewer columns per
-// thread, one load of `left` serves too little arithmetic), an L1 prefetch of the next rows'
-// `left` (slower by 2-15 %) and variants for exactly one rank (no faster).
-// The kernel is bound by issuing instructions, not by memory: 2·rank separately rounded
-// floating-point operations per element (the CPU's bits) put the ceiling of any such kernel
-// near 3.2 TB/s at r = 16, 1.8 at r = 32 and 1.0 at r = 64 on an H200 (528 schedulers at
-// 1.98 GHz, one instruction a cycle each), against 4.0 TB/s for a plain device copy.
-// For 16-bit W with cols % C == 0, rank % 4 == 0 and rank <= R, and a `left` with no zero
-// (the host checks: terms with a zero coefficient are skipped by the CPU, and these kernels
-// have no test per term); `left` 16-byte aligned.
-// Launch: block (256), grid (ceil(cols / C / 256), chunks); chunk y takes rows
-// [y·per, (y+1)·per) with per = ceil(rows / gridDim.y).
-
-// Four 16-bit values of W or out, moved as one 8-byte access.
-template <int C> struct ws_raw;
-template <> struct ws_raw<4> {
-    uint2 v;
-    __device__ __forceinline__ void load(const unsigned short* p) { v = *(const uint2*)p; }
-    __device__ __forceinline__ unsigned short at(int e) const {
-        return (unsigned short)((e < 2 ? v.x : v.y) >> (16 * (e & 1)));
-    }
-    __device__ __forceinline__ void set(int e, unsigned short h) {
-        unsigned int& w = e < 2 ? v.x : v.y;
-        w = (e & 1) == 0 ? (w & 0xffff0000u) | h : (w & 0xffffu) | ((unsigned int)h << 16);
-    }
-    __device__ __forceinline__ void store(unsigned short* p) const { *(uint2*)p = v; }
-};
-
-template <int R, int C, int U>
-__device__ __forceinline__ void ws_merge_rr(
-    const unsigned short* __restrict__ base, int base_kind,
-    const float* __restrict__ left, const float* __restrict__ right, int rank,
-    const float* __restrict__ factors, int factor_per_column,
-    unsigned short* __restrict__ out, int out_kind,
-    long long rows, long long cols, long long first_row)
-{
-    long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * C;
-    if (c >= cols) {
-        return;
-    }
-    long long per = (rows + gridDim.y - 1) / gridDim.y;
-    long long r0 = (long long)blockIdx.y * per;
-    long long r1 = r0 + per < rows ? r0 + per : rows;
-    if (r0 >= r1) {
-        return;
-    }
-    float rv[R][C];
+                float b[4 * H];
 #pragma unroll
-    for (int j = 0; j < R; ++j) {
+                for (int h = 0; h < H; ++h) {
+                    float4 bv = rs[k][16 * h + tx];
+                    b[4 * h] = bv.x;
+                    b[4 * h + 1] = bv.y;
+                    b[4 * h + 2] = bv.z;
+                    b[4 * h + 3] = bv.w;
+                }
 #pragma unroll
-        for (int e = 0; e < C; ++e) {
-            rv[j][e] = j < rank ? right[(long long)j * cols + c + e] : 0.0f;
-        }
-    }
-    float fc[C];
+                for (int i = 0; i < R; ++i) {
 #pragma unroll
-    for (int e = 0; e < C; ++e) {
-        fc[e] = factors != 0 && factor_per_column ? factors[c + e] : 1.0f;
-    }
-    // Row k of a group past the chunk's end repeats the group's last row (computed, not
-    // stored), so no load leaves the tensor.
-    ws_raw<C> next[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-        long long row = r0 + k < r1 ? r0 + k : r1 - 1;
-        next[k].load(base + row * cols + c);
-    }
-    for (long long r = r0; r < r1; r += U) {
-        float acc[U][C];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-#pragma unroll
-            for (int e = 0; e < C; ++e) {
-                acc[k][e] = ws_decode16_sel(next[k].at(e), base_kind);
-            }
-        }
-        long long rn = r + U;
-        if (rn < r1) {
-#pragma unroll
-            for (int k = 0; k < U; ++k) {
-                long long row = rn + k < r1 ? rn + k : r1 - 1;
-                next[k].load(base + row * cols + c);
-            }
-        }
-        const float* lp[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            long long row = r + k < r1 ? r + k : r1 - 1;
-            lp[k] = left + (first_row + row) * rank;
-        }
-#pragma unroll
-        for (int j = 0; j < R; j += 4) {
-            if (j >= rank) {
-                break;
-            }
-            float4 lv[U];
-#pragma unroll
-            for (int k = 0; k < U; ++k) {
-                lv[k] = *(const float4*)(lp[k] + j);
-            }
-#pragma unroll
-            for (int k = 0; k < U; ++k) {
-                float l[4] = {lv[k].x, lv[k].y, lv[k].z, lv[k].w};
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-#pragma unroll
-                    for (int e = 0; e < C; ++e) {
-                        acc[k][e] = WS_TERM(acc[k][e], l[q], rv[j + q][e]);
+                    for (int e = 0; e < 4 * H; ++e) {
+                        d[i][e] = __fmaf_rn(a[i], b[e], d[i][e]);
                     }
                 }
             }
         }
 #pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (r + k < r1) {
-                float f = factors != 0 && !factor_per_column ? factors[first_row + r + k] : 1.0f;
-                ws_raw<C> o;
+        for (int i = 0; i < R; ++i) {
+            long long r = r0 + ty * R + i;
+            if (r >= rows) {
+                continue;
+            }
+            float frow = factors != 0 && !factor_per_column ? factors[first_row + r] : 1.0f;
 #pragma unroll
-                for (int e = 0; e < C; ++e) {
-                    float v = acc[k][e];
+            for (int h = 0; h < H; ++h) {
+                long long col = c0 + h * 64 + tx * 4;
+                if (col >= cols) {
+                    continue;
+                }
+                const uint2 w = *(const uint2*)(base + r * cols + col);
+                unsigned short o[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    unsigned int wv = e < 2 ? w.x : w.y;
+                    float acc = ws_decode<BK>((unsigned short)(wv >> (16 * (e & 1))));
+                    if (left != 0) {
+                        acc = __fadd_rn(acc, d[i][h * 4 + e]);
+                    }
                     if (factors != 0) {
-                        v = __fmul_rn(v, factor_per_column ? fc[e] : f);
+                        acc = __fmul_rn(acc, factor_per_column ? factors[col + e] : frow);
                     }
-                    o.set(e, ws_round16_sel(v, out_kind));
+                    o[e] = ws_encode<OK>(acc);
                 }
-                o.store(out + (r + k) * cols + c);
+                *(uint2*)(out + r * cols + col) =
+                    make_uint2((unsigned int)o[0] | ((unsigned int)o[1] << 16),
+                               (unsigned int)o[2] | ((unsigned int)o[3] << 16));
             }
         }
     }
 }
 
-extern "C" __global__ void lora_merge_r16_c4u4(
-    const unsigned short* base, int base_kind,
-    const float* left, const float* right, int rank,
-    const float* factors, int factor_per_column,
-    unsigned short* out, int out_kind,
-    long long rows, long long cols, long long first_row)
-{
-    ws_merge_rr<16, 4, 4>(base, base_kind, left, right, rank, factors, factor_per_column, out,
-                          out_kind, rows, cols, first_row);
-}
+// base_kind and out_kind are taken for the common signature of the merge kernels; these
+// kernels are built for their kinds.
+#define WS_TILE_KERNEL(NAME, R, H, MIN_BLOCKS, BK, OK)                                          \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                         \
+        const unsigned short* base, int base_kind, const float* left, const float* right,      \
+        int rank, const float* factors, int factor_per_column, unsigned short* out,            \
+        int out_kind, long long rows, long long cols, long long first_row)                      \
+    {                                                                                           \
+        (void)base_kind;                                                                        \
+        (void)out_kind;                                                                         \
+        ws_merge_tile<R, H, BK, OK>(base, left, right, rank, factors, factor_per_column, out,   \
+                                    rows, cols, first_row);                                     \
+    }
+
+// R = 4, H = 2: 64 × 128 tiles, 64 registers, four blocks per SM (gpu::TILE_ROWS, TILE_COLS).
+WS_TILE_KERNEL(lora_merge_tile_bb, 4, 2, 4, 0, 0)
+WS_TILE_KERNEL(lora_merge_tile_bh, 4, 2, 4, 0, 1)
+WS_TILE_KERNEL(lora_merge_tile_hb, 4, 2, 4, 1, 0)
+WS_TILE_KERNEL(lora_merge_tile_hh, 4, 2, 4, 1, 1)

@@ -3,14 +3,15 @@
 # device-resident weight, no host copies) beside torch's device copy (the ceiling) and torch's
 # addmm merge, on Llama-3-8B shapes and ranks 16 and 64; also our kernel launched per 4096-row
 # block (32 MiB of BF16 output, as the merge pipeline launches it). PREV_PTX=FILE times that
-# PTX too in the same call (a variant built with the same launch shape, e.g. from another
-# commit: `git show REV:crates/lora-kernels/ptx/merge.ptx > .bin/prev.ptx`). CHECK=1 first runs
+# PTX's lora_merge_tile too in the same call (e.g. from another commit:
+# `git show REV:crates/lora-kernels/ptx/merge.ptx > .bin/prev.ptx`). CHECK=1 first runs
 # the GPU tests that compare the CUDA merge with the CPU's bits (cli_merge, merge_fixtures,
 # quantized from .bin/tests: bash scripts/gpu-check.sh --build; kernel_on_host there runs every
-# merge kernel variant on the GPU against the CPU's bits). SWEEP=1 times every kernel that takes
-# each rank (WEIGHTSMITH_MERGE_KERNEL) and the chosen ones at other block targets. PROFILE=1
-# first writes each kernel's SASS and, where Nsight Compute is installed, its profile of
-# lora_merge_v8 (and PROFILE_KERNELS="NAME RANK") to $OUT.
+# merge kernel case on the GPU against the CPU's bits). SWEEP=1 times every tile kernel of
+# kernels/merge.cu (WS_TILE_KERNEL lines: name, columns per thread group, ...) and the scalar
+# lora_merge. PROFILE=1 first writes each kernel's SASS and, where Nsight Compute is
+# installed, its profile of lora_merge_tile at r = 16 and 64 (and PROFILE_KERNELS="NAME RANK")
+# to $OUT.
 # Needs .bin/kernel_rate:
 #   cargo build --release -p lora-kernels --example kernel_rate && cp target/release/examples/kernel_rate .bin/
 set -uo pipefail
@@ -25,17 +26,19 @@ if [ "${CHECK:-0}" = 1 ]; then
     timeout 120 "$t" --test-threads 1 2>&1 | grep -E "test result|FAILED|panicked"
   done
 fi
-# Every kernel of the merge's launch shapes: lora_merge_v8 and the register
-# variants of gpu.rs (a variant that does not take a rank says so and is skipped).
-VARIANTS="lora_merge_v8 $(grep -o 'kernel: "lora_merge_r[0-9a-z_]*"' crates/lora-kernels/src/gpu.rs | sed 's/kernel: "//; s/"//' | tr '\n' ' ')"
+# Every tile kernel, as NAME:TILE_ROWS:TILE_COLS (16 rows per WS_TILE_KERNEL's R, 64 columns
+# per its H).
+VARIANTS="$(grep -oE '^WS_TILE_KERNEL\([a-z0-9_]+, [0-9]+, [0-9]+' kernels/merge.cu | sed -E 's/WS_TILE_KERNEL\(([a-z0-9_]+), ([0-9]+), ([0-9]+)/\1:\2:\3/' \
+  | while IFS=: read -r k r h; do echo "$k:$((16 * r)):$((64 * h))"; done | tr '\n' ' ')"
+echo "tile kernels: $VARIANTS"
 if [ "${PROFILE:-0}" = 1 ]; then
   # SASS of the kernels (ptxas for sm_90, cuobjdump) and Nsight Compute's view of a few.
   export PATH=$PATH:/usr/local/cuda/bin
   mkdir -p "$OUT/sass"
   ptxas -arch=sm_90 -v crates/lora-kernels/ptx/merge.ptx -o /tmp/merge.cubin 2>&1 | grep -E "registers|spill" | head -40
-  for k in $VARIANTS; do cuobjdump -sass -fun "$k" /tmp/merge.cubin > "$OUT/sass/$k.txt" 2>&1; done
+  for krc in $VARIANTS lora_merge:0:0; do k=${krc%%:*}; cuobjdump -sass -fun "$k" /tmp/merge.cubin > "$OUT/sass/$k.txt" 2>&1; done
   if command -v ncu > /dev/null; then
-    for kr in "lora_merge_v8 64" "lora_merge_v8 16" "${PROFILE_KERNELS:-}"; do
+    for kr in "lora_merge_tile 64" "lora_merge_tile 16" "${PROFILE_KERNELS:-}"; do
       set -- $kr; [ $# = 2 ] || continue
       WEIGHTSMITH_MERGE_KERNEL=$1 timeout 120 ncu --launch-skip 2 --launch-count 1 --section SpeedOfLight \
         --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
@@ -46,18 +49,19 @@ if [ "${PROFILE:-0}" = 1 ]; then
     echo "no ncu"
   fi
 fi
-for shape in "14336 4096" "4096 14336" "4096 4096"; do
+# SHAPES="ROWS,COLS ..." narrows the shapes.
+for shape in ${SHAPES:-14336,4096 4096,14336 4096,4096}; do
+  shape=${shape/,/ }
   for rank in 16 32 64; do
     timeout 30 .bin/kernel_rate $shape $rank
     if [ "${SWEEP:-0}" = 1 ]; then
-      for v in $VARIANTS; do
-        WEIGHTSMITH_MERGE_KERNEL=$v timeout 30 .bin/kernel_rate $shape $rank 2> /dev/null
+      for krc in $VARIANTS; do
+        IFS=: read -r k tr tc <<< "$krc"
+        WEIGHTSMITH_MERGE_KERNEL=$k WEIGHTSMITH_MERGE_TILE_ROWS=$tr WEIGHTSMITH_MERGE_TILE_COLS=$tc timeout 30 .bin/kernel_rate $shape $rank
       done
-      for b in 1024 4096 8192; do
-        WEIGHTSMITH_MERGE_BLOCKS=$b timeout 30 .bin/kernel_rate $shape $rank
-      done
+      WEIGHTSMITH_MERGE_KERNEL=lora_merge timeout 30 .bin/kernel_rate $shape $rank
     fi
-    [ -n "${PREV_PTX:-}" ] && WEIGHTSMITH_MERGE_KERNEL=lora_merge_v8 WEIGHTSMITH_MERGE_PTX=$PREV_PTX timeout 30 .bin/kernel_rate $shape $rank
+    [ -n "${PREV_PTX:-}" ] && WEIGHTSMITH_MERGE_KERNEL=lora_merge_tile WEIGHTSMITH_MERGE_PTX=$PREV_PTX timeout 30 .bin/kernel_rate $shape $rank
     timeout 60 python3 scripts/kernel_rate_peer.py $shape $rank
   done
 done

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# On the device machine, one call: which warm-load path is fastest there, and the merge
-# kernel's variants. Builds nothing: carry .bin (weightsmith, kernel_rate, tests).
-#   here:  bash scripts/gpu-check.sh --build && cargo build --release -p lora-kernels --example kernel_rate \
-#          && cp target/release/examples/kernel_rate .bin/ \
-#          && git show dfc90ce:crates/lora-kernels/ptx/merge.ptx > .bin/merge_prev.ptx   # one term per step
+# On the device machine, one call: which warm-load path is fastest there (the merge kernels
+# have scripts/device-kernel-rate.sh). Builds nothing: carry .bin (weightsmith, tests).
+#   here:  bash scripts/gpu-check.sh --build
 #   there: bash scripts/device-load-probe.sh
 # Prints one JSON line per run: the registered path, the staged path at several worker counts and
 # window sizes, the mixed path at several shares, cold staged loads, Python preads alone (the
@@ -14,22 +12,6 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; uname -r
-echo "== kernel variants"
-KR=.bin/kernel_rate
-if [ -x /usr/local/cuda/bin/nvcc ]; then
-  /usr/local/cuda/bin/nvcc -ptx -arch=compute_75 -fmad=false -DWS_ROWS=8 kernels/merge.cu -o /tmp/merge8.ptx || true
-  # What the bit-exact arithmetic (a multiply and an add per term) costs against fused terms.
-  /usr/local/cuda/bin/nvcc -ptx -arch=compute_75 -fmad=false -DWS_FMA_PROBE kernels/merge.cu -o /tmp/merge_fma.ptx || true
-fi
-for shape in "14336 4096" "4096 14336"; do
-  for rank in 16 64; do
-    $KR $shape $rank
-    [ -f .bin/merge_prev.ptx ] && WEIGHTSMITH_MERGE_PTX=.bin/merge_prev.ptx $KR $shape $rank
-    [ -f /tmp/merge8.ptx ] && WEIGHTSMITH_MERGE_PTX=/tmp/merge8.ptx WEIGHTSMITH_MERGE_ROWS=8 $KR $shape $rank
-    [ -f /tmp/merge_fma.ptx ] && WEIGHTSMITH_MERGE_PTX=/tmp/merge_fma.ptx $KR $shape $rank
-  done
-done
-python3 scripts/kernel_rate_peer.py 14336 4096 16
 echo "== gpu-check"
 bash scripts/gpu-check.sh 2>&1 | grep -E "^==|test result|FAILED|panicked|gpu-check"
 echo "== cli_load with the staged and mixed paths forced"

@@ -9,19 +9,19 @@
 //! `scripts/device-kernel-rate.sh` runs it beside torch's device copy (the memory ceiling) and
 //! torch's `addmm` merge on the same shape.
 //!
-//! To compare kernels: `WEIGHTSMITH_MERGE_KERNEL=NAME` runs that one instead (`lora_merge_v8`
-//! or any of `gpu::REGISTER_VARIANTS`), `WEIGHTSMITH_MERGE_BLOCKS=N` gives a register
-//! variant's launch that target of blocks, `WEIGHTSMITH_MERGE_PTX=FILE` loads that PTX instead
-//! of the embedded one and `WEIGHTSMITH_MERGE_ROWS=N` the rows per thread its `lora_merge_v8`
-//! was built for (`nvcc -ptx -arch=compute_75 -fmad=false -DWS_ROWS=N kernels/merge.cu`).
+//! To compare kernels: `WEIGHTSMITH_MERGE_KERNEL=NAME` runs that kernel of the PTX instead,
+//! `lora_merge` with its own launch, any other name with a tile launch of
+//! `WEIGHTSMITH_MERGE_TILE_ROWS` × `WEIGHTSMITH_MERGE_TILE_COLS` (default `gpu::TILE_ROWS` ×
+//! `gpu::TILE_COLS`);
+//! `WEIGHTSMITH_MERGE_PTX=FILE` loads that PTX instead of the embedded one.
 
 use std::time::Instant;
 
 use gpu_mem::cuda::{Context, DeviceAlloc, KernelArg, Module, Stream};
 use lora_kernels::gpu::{
-    general_launch, register_launch, register_variant, KernelLaunch, MERGE_PTX, MERGE_V8_ROWS,
-    REGISTER_TARGET_BLOCKS, REGISTER_VARIANTS,
+    merge_launch, scalar_launch, KernelLaunch, MERGE_PTX, TILE_COLS, TILE_ROWS,
 };
+use st_io::Dtype;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<usize> = std::env::args()
@@ -39,10 +39,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(path) => (std::fs::read_to_string(&path)?, path),
         Err(_) => (MERGE_PTX.to_string(), "embedded".to_string()),
     };
-    let rows_per_thread = match std::env::var("WEIGHTSMITH_MERGE_ROWS") {
-        Ok(n) => n.parse::<usize>()?.max(1),
-        Err(_) => MERGE_V8_ROWS,
-    };
     let module = Module::load_ptx(&ctx, &ptx)?;
     let stream = Stream::new(&ctx)?;
     let fill = |bytes: usize, f: &dyn Fn(usize) -> u8| -> Result<DeviceAlloc, gpu_mem::Error> {
@@ -53,55 +49,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stream.synchronize()?;
         Ok(a)
     };
-    // BF16 weights near 0.02 and f32 factors near 0.01 (no zero in `left`: zero terms are
-    // skipped by the kernel, which would flatter it).
+    // BF16 weights near 0.02 and f32 factors near 0.01.
     let w = fill(rows * cols * 2, &|i| if i % 2 == 0 { 0x23 } else { 0x3c })?;
     let f32_bytes = 0.01f32.to_le_bytes();
     let left = fill(rows * rank * 4, &|i| f32_bytes[i % 4])?;
     let right = fill(rank * cols * 4, &|i| f32_bytes[i % 4])?;
     let out = DeviceAlloc::new(&ctx, rows * cols * 2)?;
     let forced = std::env::var("WEIGHTSMITH_MERGE_KERNEL").ok();
-    let blocks = match std::env::var("WEIGHTSMITH_MERGE_BLOCKS") {
-        Ok(n) => n.parse::<usize>()?.max(1),
-        Err(_) => REGISTER_TARGET_BLOCKS,
+    let env_or = |name: &str, default: usize| -> Result<usize, std::num::ParseIntError> {
+        std::env::var(name).map_or(Ok(default), |n| Ok(n.parse::<usize>()?.max(1)))
     };
-    let variant = match forced.as_deref() {
-        None | Some("lora_merge_v8") => None,
-        Some(name) => Some(
-            *REGISTER_VARIANTS
-                .iter()
-                .find(|v| v.kernel == name)
-                .ok_or_else(|| format!("no merge kernel {name}"))?,
-        ),
-    };
-    if let Some(v) = &variant {
-        if !v.takes(rank, cols) {
-            return Err(
-                format!("{} does not take rank {rank} over {cols} columns", v.kernel).into(),
-            );
-        }
+    let tile_cols = env_or("WEIGHTSMITH_MERGE_TILE_COLS", TILE_COLS)?;
+    let tile_rows = env_or("WEIGHTSMITH_MERGE_TILE_ROWS", TILE_ROWS)?;
+    if cols % 4 != 0 && forced.as_deref() != Some("lora_merge") {
+        return Err("cols must be a multiple of 4 for the tile kernels".into());
     }
-    if forced.as_deref() == Some("lora_merge_v8") && cols % 8 != 0 {
-        return Err("cols must be a multiple of 8 for lora_merge_v8".into());
-    }
-    // lora_merge_v8 with the rows per thread its PTX was built for.
-    let v8 = |n: usize| KernelLaunch {
-        kernel: "lora_merge_v8",
-        grid: (
-            ((cols / 8) as u32).div_ceil(256),
-            (n.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
-            1,
-        ),
-        block: (256, 1, 1),
-    };
     let pick = |n: usize| -> KernelLaunch {
-        match (&variant, forced.as_deref()) {
-            (Some(v), _) => register_launch(v, n, cols, blocks),
-            (None, Some(_)) => v8(n),
-            (None, None) => match register_variant(2, cols, rank, true) {
-                Some(v) => register_launch(&v, n, cols, blocks),
-                None if cols % 8 == 0 => v8(n),
-                None => general_launch(2, n, cols),
+        match forced.as_deref() {
+            None => merge_launch(Dtype::BF16, Dtype::BF16, n, cols).expect("BF16 is merged"),
+            Some("lora_merge") => scalar_launch(n, cols),
+            Some(name) => KernelLaunch {
+                kernel: name.to_string().leak(),
+                grid: (
+                    cols.div_ceil(tile_cols) as u32,
+                    (n.div_ceil(tile_rows) as u32).clamp(1, 65535),
+                    1,
+                ),
+                block: (256, 1, 1),
             },
         }
     };
@@ -128,8 +102,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             block,
         } = pick(n);
         // SAFETY: the arguments match the merge kernels' (kernels/merge.cu); W and out hold
-        // rows × cols BF16 values, left rows × rank and right rank × cols f32, `left` has no
-        // zero; the launch is one `pick` allows for this shape.
+        // rows × cols BF16 values, left rows × rank and right rank × cols f32; the launch
+        // covers rows × cols in the tiles of the kernel named (a wrong name fails to launch).
         unsafe { module.launch(kernel, grid, block, &stream, &args) }
     };
     let pass = || -> Result<(), gpu_mem::Error> {

@@ -103,38 +103,67 @@ impl LoraProduct {
         self.rank
     }
 
-    /// Adds this product's stored row `row` to `acc`: `acc += Σⱼ left[row][j] · right[j]`,
-    /// j in order, one multiply and one add per term (no fused multiply-add, so every machine
-    /// gets the same bits).
+    /// Writes this product's stored row `row` of the delta into `delta`:
+    /// `delta = Σⱼ left[row][j] · right[j]`, summed from +0 in j order with one fused
+    /// multiply-add per term (IEEE `fma`, so every machine and the GPU kernels get the same
+    /// bits). A term whose coefficient is 0 is added like any other, as PEFT's `W + B·A` does.
+    /// The merged row is `W + delta`, one more rounded add ([`LoraProduct::add_row`]).
     #[inline]
-    pub fn add_row(&self, row: usize, acc: &mut [f32]) {
+    pub fn delta_row(&self, row: usize, delta: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of a
-            // `#[target_feature(enable = "avx2")]` function; the body is safe code.
-            unsafe { self.add_row_avx2(row, acc) };
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement
+            // of a `#[target_feature(enable = "avx2,fma")]` function; the body is safe code.
+            unsafe { self.delta_row_fma(row, delta) };
             return;
         }
-        self.add_row_portable(row, acc);
+        // Elsewhere `mul_add` is the hardware's fused multiply-add where it has one (every
+        // aarch64 machine), else libm's exact software `fmaf`: slower, the same bits.
+        self.delta_row_portable(row, delta);
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn add_row_avx2(&self, row: usize, acc: &mut [f32]) {
-        self.add_row_portable(row, acc);
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn delta_row_fma(&self, row: usize, delta: &mut [f32]) {
+        self.delta_row_portable(row, delta);
     }
 
+    /// Column strips of [`STRIP`] values kept in registers over all the terms (each element's
+    /// sum still runs in j order), so `delta` is written once instead of once per term.
     #[inline(always)]
-    fn add_row_portable(&self, row: usize, acc: &mut [f32]) {
+    fn delta_row_portable(&self, row: usize, delta: &mut [f32]) {
+        const STRIP: usize = 32;
         let coefs = &self.left[row * self.rank..(row + 1) * self.rank];
-        for (j, &c) in coefs.iter().enumerate() {
-            if c == 0.0 {
-                continue;
+        let cols = self.stored_cols;
+        let mut start = 0;
+        for strip in delta.chunks_mut(STRIP) {
+            let mut acc = [0f32; STRIP];
+            let n = strip.len();
+            for (j, &c) in coefs.iter().enumerate() {
+                let r = &self.right[j * cols + start..j * cols + start + n];
+                if n == STRIP {
+                    for (a, &x) in acc.iter_mut().zip(r) {
+                        *a = c.mul_add(x, *a);
+                    }
+                } else {
+                    for (a, &x) in acc[..n].iter_mut().zip(r) {
+                        *a = c.mul_add(x, *a);
+                    }
+                }
             }
-            let r = &self.right[j * self.stored_cols..(j + 1) * self.stored_cols];
-            for (a, &x) in acc.iter_mut().zip(r) {
-                *a += c * x;
-            }
+            strip.copy_from_slice(&acc[..n]);
+            start += n;
+        }
+    }
+
+    /// `acc = acc + delta_row(row)`: stored row `row` of the merged weight from the base row
+    /// in `acc` (`delta` is scratch of the same length).
+    #[inline]
+    pub fn add_row(&self, row: usize, acc: &mut [f32], delta: &mut [f32]) {
+        self.delta_row(row, delta);
+        for (a, d) in acc.iter_mut().zip(delta.iter()) {
+            *a += *d;
         }
     }
 }
@@ -178,20 +207,23 @@ impl DoraScale {
         let size = dtype_size(dtype)?;
         let row_sums: Vec<Vec<f64>> = (0..rows)
             .into_par_iter()
-            .map(|r| {
-                let mut acc = vec![0f32; cols];
-                decode_f32(
-                    dtype,
-                    &base[r * cols * size..(r + 1) * cols * size],
-                    &mut acc,
-                )?;
-                product.add_row(r, &mut acc);
-                Ok(if transposed {
-                    acc.iter().map(|&v| (v as f64) * (v as f64)).collect()
-                } else {
-                    vec![acc.iter().map(|&v| (v as f64) * (v as f64)).sum()]
-                })
-            })
+            .map_init(
+                || vec![0f32; cols],
+                |delta, r| {
+                    let mut acc = vec![0f32; cols];
+                    decode_f32(
+                        dtype,
+                        &base[r * cols * size..(r + 1) * cols * size],
+                        &mut acc,
+                    )?;
+                    product.add_row(r, &mut acc, delta);
+                    Ok(if transposed {
+                        acc.iter().map(|&v| (v as f64) * (v as f64)).collect()
+                    } else {
+                        vec![acc.iter().map(|&v| (v as f64) * (v as f64)).sum()]
+                    })
+                },
+            )
             .collect::<Result<_>>()?;
         let mut sq = vec![0f64; outputs];
         for (r, sums) in row_sums.iter().enumerate() {
@@ -385,10 +417,14 @@ impl RowJob<'_> {
         let (cols, size) = (self.stored_cols, self.size);
         let src = &self.base[row * cols * size..(row + 1) * cols * size];
         decode_f32(self.base_dtype, src, orig)?;
-        acc.copy_from_slice(orig);
         let mut stats = MergeStats::default();
         if let Some(p) = self.product {
-            p.add_row(row, acc);
+            p.delta_row(row, acc);
+            for (a, o) in acc.iter_mut().zip(orig.iter()) {
+                *a += *o;
+            }
+        } else {
+            acc.copy_from_slice(orig);
         }
         if let Some(d) = self.dora {
             if d.transposed {

@@ -15,8 +15,6 @@ use crate::{Error, Result};
 
 /// The PTX of `kernels/merge.cu` (PTX ISA 8.4, compute_75: JITs on drivers from CUDA 12.4).
 pub const MERGE_PTX: &str = include_str!("../ptx/merge.ptx");
-/// Rows per thread of `lora_merge_v8` (`WS_ROWS` in kernels/merge.cu).
-pub const MERGE_V8_ROWS: usize = 4;
 /// The PTX of `kernels/dequant.cu` (same target).
 pub const DEQUANT_PTX: &str = include_str!("../ptx/dequant.ptx");
 
@@ -28,111 +26,62 @@ pub struct KernelLaunch {
     pub block: (u32, u32, u32),
 }
 
-/// A kernel of kernels/merge.cu that keeps `right` in registers (`lora_merge_rR_cCuU`,
-/// `ws_merge_rr<R, C, U>`): its largest rank, columns per thread and rows per step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegisterVariant {
-    pub kernel: &'static str,
-    pub max_rank: usize,
-    pub cols_per_thread: usize,
-    pub rows_per_step: usize,
-}
+/// Rows and columns of the tile one `lora_merge_tile_*` block merges (16 · R and 64 · H of
+/// `WS_TILE_KERNEL` in kernels/merge.cu).
+pub const TILE_ROWS: usize = 64;
+pub const TILE_COLS: usize = 128;
 
-impl RegisterVariant {
-    /// Whether this variant merges a product of `rank` over `cols` columns.
-    pub fn takes(&self, rank: usize, cols: usize) -> bool {
-        rank > 0 && rank % 4 == 0 && rank <= self.max_rank && cols % self.cols_per_thread == 0
-    }
-}
-
-/// Every right-in-registers kernel in the PTX, in order of preference. Only ranks up to 16:
-/// above that `lora_merge_v8` is faster (on an H200, 14336 × 4096 BF16, variants of 32 and
-/// 64 rank bounds ran at 0.71 and 0.28 TB/s against its 0.91 and 0.52; kernels/merge.cu).
-pub const REGISTER_VARIANTS: &[RegisterVariant] = &[RegisterVariant {
-    kernel: "lora_merge_r16_c4u4",
-    max_rank: 16,
-    cols_per_thread: 4,
-    rows_per_step: 4,
-}];
-
-/// Blocks a right-in-registers launch aims for (about eight per SM of an H100 or H200, two
-/// resident at a time); fewer when the rows run out first. On an H200, 1024 beat 2048, 4096
-/// and 8192 on every Llama-3-8B shape.
-pub const REGISTER_TARGET_BLOCKS: usize = 1024;
-
-/// The right-in-registers variant that merges a tensor of this rank and width, if any: a
-/// 16-bit base, a rank one of them takes (divisible by 4, up to its bound), `cols` divisible
-/// by its columns per thread and a `left` with no zero coefficient (the CPU skips terms whose
-/// coefficient is zero; these kernels have no test per term).
-pub fn register_variant(
-    base_elem_bytes: usize,
-    cols: usize,
-    rank: usize,
-    left_dense: bool,
-) -> Option<RegisterVariant> {
-    if base_elem_bytes != 2 || !left_dense {
+/// The launch that merges a block of `rows` stored rows of `cols` columns of a `base` weight
+/// into `out`, whatever the rank: for a 16-bit base whose width is divisible by 4 (every
+/// projection and embedding of the models we merge), the tile kernel built for that pair of
+/// dtypes; else `lora_merge` (an F32 base, odd widths). `None` for dtypes the merge does not
+/// read or write.
+pub fn merge_launch(base: Dtype, out: Dtype, rows: usize, cols: usize) -> Option<KernelLaunch> {
+    if !out.is_half() || !matches!(base, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
         return None;
     }
-    REGISTER_VARIANTS
-        .iter()
-        .find(|v| v.takes(rank, cols))
-        .copied()
-}
-
-/// The launch of `variant` over `rows` × `cols`: 256 threads a block, each block `256 · C`
-/// columns, the rows cut into as many chunks as make about `target_blocks` blocks (each chunk
-/// at least one step of rows).
-pub fn register_launch(
-    variant: &RegisterVariant,
-    rows: usize,
-    cols: usize,
-    target_blocks: usize,
-) -> KernelLaunch {
-    let gx = cols.div_ceil(variant.cols_per_thread).div_ceil(256).max(1);
-    let gy = target_blocks
-        .div_ceil(gx)
-        .min(rows.div_ceil(variant.rows_per_step))
-        .clamp(1, 65535);
-    KernelLaunch {
-        kernel: variant.kernel,
-        grid: (gx as u32, gy as u32, 1),
-        block: (256, 1, 1),
-    }
-}
-
-/// The launch of a block of `rows` stored rows of `cols` columns whose base values are
-/// `base_elem_bytes` wide, for a LoRA product of `rank` whose `left` has no zero when
-/// `left_dense`: a right-in-registers kernel where [`register_variant`] finds one; else eight
-/// columns and [`MERGE_V8_ROWS`] rows per thread with 16-byte accesses where the layout allows
-/// (`lora_merge_v8`, which also skips zero coefficients and takes any rank); else one element
-/// (`lora_merge`). Row groups past the grid's 65535 are strided by the kernels themselves.
-pub fn merge_launch(
-    base_elem_bytes: usize,
-    rows: usize,
-    cols: usize,
-    rank: usize,
-    left_dense: bool,
-) -> KernelLaunch {
-    match register_variant(base_elem_bytes, cols, rank, left_dense) {
-        Some(v) => register_launch(&v, rows, cols, REGISTER_TARGET_BLOCKS),
-        None => general_launch(base_elem_bytes, rows, cols),
-    }
-}
-
-/// The launch of the kernels that take any rank and zero coefficients: `lora_merge_v8` where
-/// the layout allows 16-byte accesses, else `lora_merge`.
-pub fn general_launch(base_elem_bytes: usize, rows: usize, cols: usize) -> KernelLaunch {
-    let vector = base_elem_bytes == 2 && cols % 8 == 0;
-    let (kernel, per_thread, rows_per_thread) = if vector {
-        ("lora_merge_v8", 8, MERGE_V8_ROWS)
+    Some(if base.is_half() && cols % 4 == 0 {
+        tile_launch(base, out, rows, cols, 65535)?
     } else {
-        ("lora_merge", 1, 1)
+        scalar_launch(rows, cols)
+    })
+}
+
+/// The tile kernel for a 16-bit `base` and `out` over `rows` × `cols`: a block per tile of
+/// [`TILE_ROWS`] × [`TILE_COLS`], at most `max_row_tiles` blocks down the rows (the kernel
+/// strides over the rest).
+pub fn tile_launch(
+    base: Dtype,
+    out: Dtype,
+    rows: usize,
+    cols: usize,
+    max_row_tiles: u32,
+) -> Option<KernelLaunch> {
+    let kernel = match (base, out) {
+        (Dtype::BF16, Dtype::BF16) => "lora_merge_tile_bb",
+        (Dtype::BF16, Dtype::F16) => "lora_merge_tile_bh",
+        (Dtype::F16, Dtype::BF16) => "lora_merge_tile_hb",
+        (Dtype::F16, Dtype::F16) => "lora_merge_tile_hh",
+        _ => return None,
     };
-    KernelLaunch {
+    Some(KernelLaunch {
         kernel,
         grid: (
-            (cols.div_ceil(per_thread) as u32).div_ceil(256),
-            (rows.div_ceil(rows_per_thread) as u32).clamp(1, 65535),
+            (cols.div_ceil(TILE_COLS) as u32).max(1),
+            (rows.div_ceil(TILE_ROWS) as u32).clamp(1, max_row_tiles.clamp(1, 65535)),
+            1,
+        ),
+        block: (256, 1, 1),
+    })
+}
+
+/// `lora_merge`, one element per thread: any base dtype and width.
+pub fn scalar_launch(rows: usize, cols: usize) -> KernelLaunch {
+    KernelLaunch {
+        kernel: "lora_merge",
+        grid: (
+            (cols as u32).div_ceil(256).max(1),
+            (rows as u32).clamp(1, 65535),
             1,
         ),
         block: (256, 1, 1),
@@ -363,7 +312,6 @@ impl GpuMerger {
             left: product.map(|p| self.upload(p.left())).transpose()?,
             right: product.map(|p| self.upload(p.right())).transpose()?,
             rank: product.map_or(0, |p| p.rank()),
-            left_dense: product.is_some_and(|p| p.left().iter().all(|&v| v != 0.0)),
             factors: dora.map(|d| self.upload(d.factors())).transpose()?,
             factor_per_column: dora.is_some_and(|d| d.transposed()),
         })
@@ -447,7 +395,8 @@ impl GpuMerger {
             kernel,
             grid,
             block,
-        } = merge_launch(size, rows, cols, t.rank, t.left_dense);
+        } = merge_launch(base_dtype, out_dtype, rows, cols)
+            .ok_or(Error::Dtype { dtype: base_dtype })?;
         let staged_out = &mut pin_out.as_mut_slice()[..out.len()];
         // SAFETY: the pinned buffers are neither read nor written by the host until the
         // synchronisation below; the arguments match `lora_merge`'s parameters
@@ -494,8 +443,6 @@ pub struct GpuTensor {
     left: Option<DeviceAlloc>,
     right: Option<DeviceAlloc>,
     rank: usize,
-    /// No coefficient of `left` is zero (the right-in-registers kernels need it).
-    left_dense: bool,
     factors: Option<DeviceAlloc>,
     factor_per_column: bool,
 }

@@ -3,9 +3,13 @@
 //! DoRA (`W' = m / ‖W + ΔW‖_row · (W + ΔW)`), embedding LoRA (ΔW transposed) and
 //! `fan_in_fan_out` weights (stored transposed).
 //!
+//! Both devices compute a row of `ΔW` as `Σⱼ left[j] · right[j]` from +0 in j order with one
+//! fused multiply-add per term (IEEE `fma`: the same bits on every machine), then `W + ΔW` and
+//! DoRA's factor, each rounded once in f32, then the rounding to 16 bits.
+//!
 //! The CPU path ([`cpu`]) is multi-threaded over rows, streams a tensor block by block so no
-//! f32 copy of a whole tensor is ever made, and its inner loop is an axpy the compiler
-//! vectorises. An f64 twin ([`reference`]) recomputes sample rows to verify a merge. The CUDA
+//! f32 copy of a whole tensor is ever made, and its inner loop keeps a strip of columns in
+//! vector registers over all the terms (AVX2 + FMA where the CPU has them). An f64 twin ([`reference`]) recomputes sample rows to verify a merge. The CUDA
 //! path ([`gpu`], PTX built by `cargo xtask build-kernels` and embedded) does the same
 //! arithmetic in the same order, so it gives the same bits.
 //! It deliberately does not read files or choose devices.

@@ -3,9 +3,9 @@
 //! launch in turn), give the same bits as the CPU merge and the CPU GPTQ dequantisation. Launch
 //! shapes come from `gpu::merge_launch` and `gpu::gptq_dequant_launch`, as on the device. This
 //! checks the kernels' indexing, their order of operations and every branch (the
-//! four-terms-at-a-time path, zero coefficients, ranks not divisible by four, short row groups,
-//! DoRA factors per row and per column, F16 rounding, every GPTQ bit width and zero convention)
-//! on any machine with a C++ compiler. With a CUDA device present (`scripts/gpu-check.sh`),
+//! tile kernel's partial tiles, its passes over the terms and its stride over row tiles, ranks
+//! of every size, zero coefficients, DoRA factors per row and per column, F16 rounding, plain
+//! conversions, every GPTQ bit width and zero convention) on any machine with a C++ compiler. With a CUDA device present (`scripts/gpu-check.sh`),
 //! every merge case also runs the embedded PTX on the GPU, which must write the same bytes.
 
 use std::path::{Path, PathBuf};
@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 
 use lora_kernels::cpu::merge_rows;
 use lora_kernels::gpu::{
-    general_launch, gptq_dequant_launch, merge_launch, register_launch, KernelLaunch,
-    RegisterVariant, REGISTER_VARIANTS,
+    gptq_dequant_launch, merge_launch, scalar_launch, tile_launch, KernelLaunch, TILE_COLS,
+    TILE_ROWS,
 };
 use lora_kernels::{encode_half, DoraScale, LoraProduct, LoraTerm};
 use st_io::Dtype;
@@ -43,6 +43,7 @@ fn driver() -> &'static Path {
                 "-O2",
                 "-ffp-contract=off",
                 "-fno-strict-aliasing",
+                "-pthread",
             ])
             .args([
                 "-Wall",
@@ -228,10 +229,10 @@ impl Case {
 enum Pick {
     /// The merge's own choice (`merge_launch`).
     Merge,
-    /// `lora_merge_v8` / `lora_merge` whatever the rank.
-    General,
-    /// This right-in-registers variant, with a target of this many blocks.
-    Register(RegisterVariant, usize),
+    /// `lora_merge_tile` with at most this many blocks down the rows.
+    Tile(u32),
+    /// `lora_merge` whatever the dtype and width.
+    Scalar,
 }
 
 fn run(case: &Case, seed: u64) -> &'static str {
@@ -246,8 +247,13 @@ fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
     } else {
         (out, inp)
     };
+    // Some exact zeros of both signs: a conversion keeps -0, a merge adds +0 to it as PEFT does.
     let w: Vec<f32> = (0..stored_rows * stored_cols)
-        .map(|_| rng.unit() * 0.05)
+        .map(|i| match i % 29 {
+            3 => -0.0,
+            7 => 0.0,
+            _ => rng.unit() * 0.05,
+        })
         .collect();
     let base_bytes = match case.base {
         Dtype::F32 => f32_bytes(&w),
@@ -285,17 +291,12 @@ fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
             scale: 1.5 + k as f32,
         })
         .collect();
-    let product = LoraProduct::new(out, inp, case.transposed, &terms).unwrap();
+    // No ranks: a tensor without an adapter, only converted.
+    let product = (!case.ranks.is_empty())
+        .then(|| LoraProduct::new(out, inp, case.transposed, &terms).unwrap());
     let magnitude: Vec<f32> = (0..out).map(|_| 0.5 + rng.unit().abs()).collect();
-    let dora = case.dora.then(|| {
-        DoraScale::new(
-            &base_bytes,
-            case.base,
-            &product,
-            case.transposed,
-            &magnitude,
-        )
-        .unwrap()
+    let dora = product.as_ref().filter(|_| case.dora).map(|product| {
+        DoraScale::new(&base_bytes, case.base, product, case.transposed, &magnitude).unwrap()
     });
     let (first_row, rows) = case.block;
     let mut expected = vec![0u8; rows * stored_cols * 2];
@@ -303,7 +304,7 @@ fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
         &base_bytes,
         case.base,
         stored_cols,
-        Some(&product),
+        product.as_ref(),
         dora.as_ref(),
         first_row,
         case.out,
@@ -320,8 +321,10 @@ fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
         &base_bytes[first_row * stored_cols * size..(first_row + rows) * stored_cols * size],
     )
     .unwrap();
-    std::fs::write(dir.join("left.bin"), f32_bytes(product.left())).unwrap();
-    std::fs::write(dir.join("right.bin"), f32_bytes(product.right())).unwrap();
+    if let Some(p) = &product {
+        std::fs::write(dir.join("left.bin"), f32_bytes(p.left())).unwrap();
+        std::fs::write(dir.join("right.bin"), f32_bytes(p.right())).unwrap();
+    }
     let factor_mode = match &dora {
         None => 0,
         Some(d) => {
@@ -338,16 +341,17 @@ fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
         Dtype::F16 => 1,
         _ => 2,
     };
-    let dense = product.left().iter().all(|&v| v != 0.0);
     let launch = match pick {
-        Pick::Merge => merge_launch(size, rows, stored_cols, product.rank(), dense),
-        Pick::General => general_launch(size, rows, stored_cols),
-        Pick::Register(v, blocks) => register_launch(&v, rows, stored_cols, blocks),
+        Pick::Merge => merge_launch(case.base, case.out, rows, stored_cols).unwrap(),
+        Pick::Tile(max_row_tiles) => {
+            tile_launch(case.base, case.out, rows, stored_cols, max_row_tiles).unwrap()
+        }
+        Pick::Scalar => scalar_launch(rows, stored_cols),
     };
     let params = [
         kind(case.base),
         kind(case.out),
-        product.rank(),
+        product.as_ref().map_or(0, |p| p.rank()),
         factor_mode,
         rows,
         stored_cols,
@@ -381,63 +385,66 @@ fn run_as(case: &Case, seed: u64, pick: Pick) -> &'static str {
 }
 
 #[test]
-fn vector_kernel_takes_four_terms_at_a_time_with_the_cpu_bits() {
-    // Rank 16: every row group full (40 rows = 10 groups of 4) takes the four-term path; 64
-    // columns leave most of a block's threads idle (the early return).
-    let case = Case::plain((40, 64), &[16]);
-    assert_eq!(run_as(&case, 1, Pick::General), "lora_merge_v8");
-}
-
-#[test]
-fn vector_kernel_matches_with_zero_coefficients_and_two_adapters() {
-    // Zero coefficients send some steps down the term-by-term branch; two adapters of ranks 4
-    // and 12 make rank 16.
-    for zero_every in [3, 7, 16] {
-        let case = Case {
-            base: Dtype::BF16,
-            out: Dtype::BF16,
-            shape: (24, 2056),
-            transposed: false,
-            ranks: &[4, 12],
-            zero_every,
-            dora: false,
-            block: (0, 24),
-        };
-        run(&case, zero_every as u64);
+fn tile_kernel_gives_the_cpu_bits_on_every_rank_and_partial_tiles() {
+    // Ranks below, at and above one pass of staged terms (32): 1, 5 (not divisible by 4), 16,
+    // 32, 33 (a second pass of one term), 72 from two adapters (three passes, the last short),
+    // and a plain conversion (no adapter). Shapes with a partial last tile in both directions,
+    // blocks that start inside the tensor, BF16 and F16 both ways, some zero coefficients.
+    let dtypes = [
+        (Dtype::BF16, Dtype::BF16),
+        (Dtype::F16, Dtype::BF16),
+        (Dtype::BF16, Dtype::F16),
+        (Dtype::F16, Dtype::F16),
+    ];
+    let cases = [
+        Case::plain((40, 36), &[1]),
+        Case {
+            block: (3, 140),
+            ..Case::plain((150, 196), &[5])
+        },
+        Case {
+            zero_every: 7,
+            ..Case::plain((130, 260), &[16])
+        },
+        Case {
+            block: (1, 128),
+            ..Case::plain((129, 132), &[32])
+        },
+        Case {
+            block: (10, 50),
+            ..Case::plain((64, 516), &[33])
+        },
+        Case {
+            block: (5, 135),
+            zero_every: 11,
+            ..Case::plain((140, 136), &[40, 32])
+        },
+        Case {
+            block: (3, 140),
+            ..Case::plain((150, 196), &[])
+        },
+    ];
+    for (i, case) in cases.into_iter().enumerate() {
+        let (base, out) = dtypes[i % 4];
+        let case = Case { base, out, ..case };
+        assert!(run(&case, 60 + i as u64).starts_with("lora_merge_tile_"));
     }
 }
 
 #[test]
-fn vector_kernel_matches_on_ranks_not_divisible_by_four_and_short_row_groups() {
-    // Rank 6 takes the term-by-term loop only; rank 12 on a block starting at row 5 with 19
-    // rows ends in a group of 3 rows (term by term) after full groups (four at a time).
-    for (ranks, block) in [
-        (&[6usize][..], (0, 33)),
-        (&[12][..], (5, 19)),
-        (&[1][..], (0, 7)),
-    ] {
-        let case = Case {
-            base: Dtype::F16,
-            out: Dtype::F16,
-            shape: (33, 48),
-            transposed: false,
-            ranks,
-            zero_every: 5,
-            dora: false,
-            block,
-        };
-        run(&case, 11);
-    }
+fn tile_kernel_strides_over_row_tiles_beyond_its_grid() {
+    // Ten row tiles (590 rows from row 7, 64 a tile) on a grid of two blocks down the rows:
+    // each block takes every other tile, staging the terms again for each.
+    let case = Case {
+        block: (7, 590),
+        ..Case::plain((600, 140), &[48])
+    };
+    assert_eq!(run_as(&case, 71, Pick::Tile(2)), "lora_merge_tile_bb");
 }
 
 #[test]
-fn vector_and_register_kernels_match_with_dora_per_row_and_per_column() {
-    let picks = std::iter::once((Pick::General, "lora_merge_v8")).chain(
-        REGISTER_VARIANTS
-            .iter()
-            .map(|v| (Pick::Register(*v, 3), v.kernel)),
-    );
-    for (pick, kernel) in picks {
+fn tile_and_scalar_kernels_match_with_dora_per_row_and_per_column() {
+    for pick in [Pick::Merge, Pick::Scalar] {
         for (transposed, base, out) in [
             (false, Dtype::F16, Dtype::BF16),
             (true, Dtype::BF16, Dtype::F16),
@@ -445,14 +452,18 @@ fn vector_and_register_kernels_match_with_dora_per_row_and_per_column() {
             let case = Case {
                 base,
                 out,
-                shape: (32, 96),
+                shape: (136, 132),
                 transposed,
                 ranks: &[8],
                 zero_every: 0,
                 dora: true,
-                block: (4, 20),
+                block: (4, 128),
             };
-            assert_eq!(run_as(&case, 21, pick), kernel);
+            let kernel = run_as(&case, 21, pick);
+            match pick {
+                Pick::Scalar => assert_eq!(kernel, "lora_merge"),
+                _ => assert!(kernel.starts_with("lora_merge_tile_"), "{kernel}"),
+            }
         }
     }
 }
@@ -461,7 +472,7 @@ fn vector_and_register_kernels_match_with_dora_per_row_and_per_column() {
 fn scalar_kernel_matches_on_f32_bases_and_odd_widths() {
     for (base, shape, ranks) in [
         (Dtype::F32, (20, 64), &[16usize][..]),
-        (Dtype::BF16, (20, 36), &[5][..]),
+        (Dtype::BF16, (20, 38), &[5][..]),
         (Dtype::F16, (9, 13), &[4, 3][..]),
     ] {
         let case = Case {
@@ -501,8 +512,8 @@ fn host_emulation_sees_a_changed_kernel() {
     std::fs::write(dir.join("left.bin"), f32_bytes(&[0.25; 8 * 4])).unwrap();
     std::fs::write(dir.join("right.bin"), f32_bytes(&[0.5; 4 * 16])).unwrap();
     std::fs::write(dir.join("factors.bin"), f32_bytes(&[2.0; 8])).unwrap();
-    let launch = merge_launch(2, case.block.1, case.shape.1, 4, true);
-    assert!(launch.kernel.starts_with("lora_merge_r16"), "{launch:?}");
+    let launch = merge_launch(Dtype::BF16, Dtype::BF16, case.block.1, case.shape.1).unwrap();
+    assert_eq!(launch.kernel, "lora_merge_tile_bb");
     let go = |factor_mode: i64| launch_on_host(&launch, &[0, 0, 4, factor_mode, 8, 16, 0], &dir);
     let plain = go(0);
     let scaled = go(1);
@@ -517,93 +528,42 @@ fn host_emulation_sees_a_changed_kernel() {
 }
 
 #[test]
-fn register_kernel_is_chosen_for_dense_ranks_up_to_16() {
-    let pick = |cols, rank, dense| merge_launch(2, 4096, cols, rank, dense).kernel;
-    assert!(pick(4096, 16, true).starts_with("lora_merge_r16_"));
-    assert!(pick(4096, 8, true).starts_with("lora_merge_r16_"));
-    assert!(pick(4096, 12, true).starts_with("lora_merge_r16_"));
-    // Above 16 lora_merge_v8 is faster (measured on an H200: kernels/merge.cu).
-    assert_eq!(pick(4096, 20, true), "lora_merge_v8");
-    assert_eq!(pick(4096, 32, true), "lora_merge_v8");
-    assert_eq!(pick(4096, 64, true), "lora_merge_v8");
-    // Zero coefficients, ranks above 64 or not divisible by 4, f32 bases: the general kernels.
-    assert_eq!(pick(4096, 16, false), "lora_merge_v8");
-    assert_eq!(pick(4096, 128, true), "lora_merge_v8");
-    assert_eq!(pick(4096, 6, true), "lora_merge_v8");
-    assert_eq!(merge_launch(4, 64, 4096, 16, true).kernel, "lora_merge");
-    // Every launch covers every column and at least one row per chunk.
-    for v in REGISTER_VARIANTS {
-        for (rows, cols) in [
-            (1, 2048),
-            (4096, 4096),
-            (14336, 4096),
-            (4096, 14336),
-            (7, 36),
-        ] {
-            if !v.takes(v.max_rank, cols) {
-                continue;
+fn tile_kernel_is_chosen_for_16_bit_bases_of_widths_divisible_by_4() {
+    use Dtype::{BF16, F16, F32};
+    let pairs = [
+        (BF16, BF16, "lora_merge_tile_bb"),
+        (BF16, F16, "lora_merge_tile_bh"),
+        (F16, BF16, "lora_merge_tile_hb"),
+        (F16, F16, "lora_merge_tile_hh"),
+    ];
+    for (base, out, kernel) in pairs {
+        for rows in [1, 7, 128, 4096, 14336, 152064] {
+            for cols in [4, 36, 4096, 14336] {
+                let l = merge_launch(base, out, rows, cols).unwrap();
+                assert_eq!(l.kernel, kernel);
+                // Every column tile, every row tile (up to the grid's limit, strided beyond).
+                assert_eq!(l.grid.0 as usize, cols.div_ceil(TILE_COLS), "{l:?}");
+                assert_eq!(
+                    l.grid.1 as usize,
+                    rows.div_ceil(TILE_ROWS).min(65535),
+                    "{l:?}"
+                );
+                assert_eq!(l.block, (256, 1, 1));
             }
-            let l = register_launch(v, rows, cols, 2048);
-            assert!(l.grid.0 as usize * 256 * v.cols_per_thread >= cols, "{l:?}");
-            assert!(l.grid.1 as usize <= rows.div_ceil(v.rows_per_step), "{l:?}");
-            assert!(
-                l.grid.0 >= 1 && l.grid.1 >= 1 && l.block == (256, 1, 1),
-                "{l:?}"
-            );
         }
     }
-}
-
-#[test]
-fn every_register_kernel_gives_the_cpu_bits() {
-    // Each variant on every rank it takes (multiples of 4 up to its bound, one of them from two
-    // adapters), BF16 and F16 both ways, chunks that end mid-step and blocks that start inside
-    // the tensor, columns that leave a block's last threads idle.
-    let mut seed = 100;
-    for v in REGISTER_VARIANTS {
-        let ranks: Vec<usize> = (4..=v.max_rank)
-            .step_by(4)
-            .filter(|&r| v.takes(r, 4 * v.cols_per_thread))
-            .collect();
-        for (i, &rank) in ranks.iter().enumerate() {
-            let split: &'static [usize] = Box::leak(if i % 3 == 1 && rank >= 8 {
-                vec![4, rank - 4].into_boxed_slice()
-            } else {
-                vec![rank].into_boxed_slice()
-            });
-            let (base, out) = [
-                (Dtype::BF16, Dtype::BF16),
-                (Dtype::F16, Dtype::BF16),
-                (Dtype::BF16, Dtype::F16),
-            ][i % 3];
-            let cols = 4 * v.cols_per_thread * (3 + i % 5) + 256 * v.cols_per_thread * (i % 2);
-            let case = Case {
-                base,
-                out,
-                shape: (23 + i, cols),
-                transposed: false,
-                ranks: split,
-                zero_every: 0,
-                dora: false,
-                block: (i % 4, 19),
-            };
-            // 5 blocks' target: chunks of several steps with a short last one.
-            let blocks = if i % 2 == 0 { 5 } else { 1 };
-            seed += 1;
-            assert_eq!(run_as(&case, seed, Pick::Register(*v, blocks)), v.kernel);
-        }
-    }
-}
-
-#[test]
-fn merge_choice_falls_back_to_v8_on_zero_coefficients_with_the_cpu_bits() {
-    let sparse = Case {
-        zero_every: 9,
-        ..Case::plain((24, 512), &[16])
-    };
-    assert_eq!(run(&sparse, 51), "lora_merge_v8");
-    let dense = Case::plain((24, 512), &[16]);
-    assert!(run(&dense, 52).starts_with("lora_merge_r16_"));
+    assert_eq!(
+        merge_launch(F32, BF16, 64, 4096).unwrap().kernel,
+        "lora_merge"
+    );
+    assert_eq!(
+        merge_launch(BF16, F16, 64, 4098).unwrap().kernel,
+        "lora_merge"
+    );
+    assert!(merge_launch(BF16, F32, 64, 4096).is_none());
+    assert!(merge_launch(Dtype::I32, BF16, 64, 4096).is_none());
+    let strided = tile_launch(BF16, BF16, 100_000_000, 4096, 3).unwrap();
+    assert_eq!(strided.grid.1, 3);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 // host, thread after thread, for tests/kernel_on_host.rs (which compiles this file with the
 // system C++ compiler).
 //
-//   driver lora_merge|lora_merge_v8|lora_merge_r16_c4u4 BASE_KIND OUT_KIND RANK FACTOR_MODE ROWS COLS FIRST_ROW GRID_X GRID_Y BLOCK_X DIR
+//   driver lora_merge|lora_merge_tile_{bb,bh,hb,hh} BASE_KIND OUT_KIND RANK FACTOR_MODE ROWS COLS FIRST_ROW GRID_X GRID_Y BLOCK_X DIR
 //     DIR holds base.bin (the block's rows), left.bin and right.bin (f32; absent when RANK is
 //     0), factors.bin (f32, FACTOR_MODE 1 per row, 2 per column; absent for 0); out.bin (16-bit)
 //     is written.
@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 static std::vector<unsigned char> slurp(const std::string& path) {
@@ -45,17 +46,32 @@ static void* aligned_copy(const std::vector<unsigned char>& v) {
     return p;
 }
 
-// Every block of a grid, every thread of a block, one after another.
+// Every block of a grid in turn; the threads of a block one after another, or, for a kernel
+// that synchronises its block (`threaded`), all at once as OS threads meeting at its barrier.
 template <typename F>
-static void run_grid(unsigned gx, unsigned gy, unsigned bx, F thread) {
+static void run_grid(unsigned gx, unsigned gy, unsigned bx, bool threaded, F thread) {
     gridDim = {gx, gy, 1};
     blockDim = {bx, 1, 1};
+    ws_block_barrier.count = bx;
     for (unsigned y = 0; y < gy; ++y) {
         for (unsigned x = 0; x < gx; ++x) {
             blockIdx = {x, y, 0};
-            for (unsigned t = 0; t < bx; ++t) {
-                threadIdx = {t, 0, 0};
-                thread();
+            if (threaded) {
+                std::vector<std::thread> threads;
+                for (unsigned t = 0; t < bx; ++t) {
+                    threads.emplace_back([t, &thread] {
+                        threadIdx = {t, 0, 0};
+                        thread();
+                    });
+                }
+                for (auto& t : threads) {
+                    t.join();
+                }
+            } else {
+                for (unsigned t = 0; t < bx; ++t) {
+                    threadIdx = {t, 0, 0};
+                    thread();
+                }
             }
         }
     }
@@ -86,7 +102,7 @@ static int dequant_main(int argc, char** argv) {
     const void* scales = aligned_copy(slurp(dir + "/scales.bin"));
     const int* g_idx = (const int*)aligned_copy(slurp(dir + "/g_idx.bin"));
     std::vector<float> out((size_t)(in * out_features), -12345.0f);
-    run_grid(gx, gy, bx, [&] {
+    run_grid(gx, gy, bx, false, [&] {
         gptq_dequant(q, z, scales, scales_kind, g_idx, bits, zero_offset, in, out_features, out.data());
     });
     return write_out(dir, out.data(), out.size() * 4);
@@ -113,30 +129,32 @@ int main(int argc, char** argv) {
     float* factors = factor_mode ? (float*)aligned_copy(slurp(dir + "/factors.bin")) : nullptr;
     std::vector<unsigned char> out_bytes((size_t)(rows * cols * 2), 0xA5);
     unsigned short* out = (unsigned short*)aligned_copy(out_bytes);
-    typedef void (*vector_kernel)(const unsigned short*, int, const float*, const float*, int,
-                                  const float*, int, unsigned short*, int, long long, long long,
-                                  long long);
+    typedef void (*tile_kernel)(const unsigned short*, int, const float*, const float*, int,
+                                const float*, int, unsigned short*, int, long long, long long,
+                                long long);
     static const struct {
         const char* name;
-        vector_kernel f;
-    } kernels[] = {
-        {"lora_merge_v8", lora_merge_v8},
-        {"lora_merge_r16_c4u4", lora_merge_r16_c4u4},
+        tile_kernel f;
+    } tiles[] = {
+        {"lora_merge_tile_bb", lora_merge_tile_bb},
+        {"lora_merge_tile_bh", lora_merge_tile_bh},
+        {"lora_merge_tile_hb", lora_merge_tile_hb},
+        {"lora_merge_tile_hh", lora_merge_tile_hh},
     };
-    vector_kernel f = nullptr;
-    for (const auto& k : kernels) {
-        if (kernel == k.name) {
-            f = k.f;
+    tile_kernel tile = nullptr;
+    for (const auto& t : tiles) {
+        if (kernel == t.name) {
+            tile = t.f;
         }
     }
-    if (!f && kernel != "lora_merge") {
+    if (!tile && kernel != "lora_merge") {
         std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
         return 2;
     }
-    run_grid(gx, gy, bx, [&] {
-        if (f) {
-            f((const unsigned short*)base, base_kind, left, right, rank, factors,
-              factor_mode == 2, out, out_kind, rows, cols, first_row);
+    run_grid(gx, gy, bx, tile != nullptr, [&] {
+        if (tile) {
+            tile((const unsigned short*)base, base_kind, left, right, rank, factors,
+                 factor_mode == 2, out, out_kind, rows, cols, first_row);
         } else {
             lora_merge(base, base_kind, left, right, rank, factors, factor_mode == 2, out,
                        out_kind, rows, cols, first_row);

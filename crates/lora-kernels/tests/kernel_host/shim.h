@@ -1,21 +1,48 @@
 // shim.h — just enough of CUDA's device dialect for kernels/*.cu to compile as C++ on the host,
-// where tests/kernel_host/driver.cpp runs every thread of a launch one after another. The
-// kernels use no shared memory and no barriers, so running threads in sequence computes what
-// the GPU computes; f32 arithmetic here is IEEE single with no contraction (the test compiles
-// with -ffp-contract=off), as __fadd_rn / __fmul_rn are on the device.
+// where tests/kernel_host/driver.cpp runs the threads of a launch: one after another for the
+// kernels without shared memory, or, for a kernel with __syncthreads, every thread of a block
+// as its own OS thread, the block's `__shared__` arrays (function statics here) common to them
+// and __syncthreads a barrier over them, blocks one after another. f32 arithmetic here is IEEE
+// single with no contraction (the test compiles with -ffp-contract=off), as __fadd_rn /
+// __fmul_rn are on the device, and __fmaf_rn is the C library's exact fmaf.
 #pragma once
+#include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(threads, blocks)
+#define __shared__ static
 
 struct ws_dim3 {
     unsigned int x, y, z;
 };
-static ws_dim3 blockIdx, blockDim, threadIdx, gridDim;
+static ws_dim3 blockIdx, blockDim, gridDim;
+static thread_local ws_dim3 threadIdx;
+
+// The barrier of the block that runs: all of its threads wait until the last one arrives.
+struct ws_barrier {
+    std::mutex m;
+    std::condition_variable cv;
+    unsigned count = 0, waiting = 0, generation = 0;
+    void wait() {
+        std::unique_lock<std::mutex> lock(m);
+        unsigned gen = generation;
+        if (++waiting == count) {
+            waiting = 0;
+            ++generation;
+            cv.notify_all();
+        } else {
+            cv.wait(lock, [&] { return gen != generation; });
+        }
+    }
+};
+static ws_barrier ws_block_barrier;
+static inline void __syncthreads() { ws_block_barrier.wait(); }
 
 struct alignas(16) float4 {
     float x, y, z, w;
@@ -26,9 +53,12 @@ struct alignas(8) uint2 {
 struct alignas(16) uint4 {
     unsigned int x, y, z, w;
 };
+static inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
 static inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, 4);
