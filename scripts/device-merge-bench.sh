@@ -4,7 +4,8 @@
 # workflow (load, merge_and_unload, save_pretrained) on CPU and on the GPU; the disk floor;
 # and a tensor-by-tensor and logits comparison of our output with PEFT's.
 # QUICK=1: only the warm runs (ours CPU, ours CUDA twice with WEIGHTSMITH_TRACE, PEFT on the
-# GPU) and the disk floor; no cold runs, no PEFT on CPU, no logits comparison.
+# GPU) and the disk floor; no cold runs, no PEFT on CPU; with COMPARE=1 the tensor and logits
+# comparison of our output with PEFT's GPU merge.
 # Needs .bin/weightsmith (a release build from the build machine), carried.
 #   cargo build --release -p weightsmith && mkdir -p .bin && cp target/release/weightsmith .bin/
 #   device run (carry .bin):  bash scripts/device-merge-bench.sh
@@ -46,6 +47,7 @@ rm -rf "$W/ours-cuda"
 if [ "${QUICK:-0}" = 1 ]; then
   cat "$W"/base/*.safetensors > /dev/null
   python3 scripts/measure.py peft-cuda -- python3 scripts/peft_merge.py "$W/base" "$W/adapter" "$W/peft" cuda
+  [ "${COMPARE:-0}" = 1 ] && python3 scripts/compare_merged.py "$W/ours" "$W/peft" "$W/base"
   rm -rf "$W"
   echo "device-merge-bench (quick): done"
   exit 0
