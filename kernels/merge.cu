@@ -100,17 +100,22 @@ extern "C" __global__ void lora_merge(
 // shared memory WS_KC at a time: the tile's `left` (transposed, so a thread reads its rows'
 // coefficients as R/4 16-byte words; loaded four terms per 16-byte load where the rank allows)
 // and `right`; per term a thread makes 4·R·H fused multiply-adds for R/4 + H shared loads. W
-// is read after the terms are summed, which is why d starts from +0 and W is added last.
+// is read after the terms are summed (it would hold registers through the sums), which is
+// why d starts from +0 and W is added last.
 // On an H200, BF16, r = 16 / 32 / 64 (scripts/device-kernel-rate.sh), 14336 × 4096:
-// 1.54 / 1.25 / 0.80 TB/s, 4096 × 4096: 1.34 / 1.07 / 0.72, against 1.58 / 0.96 / 0.53 and
+// 1.70 / 1.31 / 0.85 TB/s, 4096 × 4096: 1.45 / 1.13 / 0.76, against 1.58 / 0.96 / 0.53 and
 // 1.32 / - / 0.50 for the kernels before it (one multiply and one add per term, right in
-// registers up to r = 16); torch's addmm 1.49 / 1.50 / 1.52 and a device copy 4.0. Tried in
-// the same runs and slower: 8 rows × 8 columns a thread (1.11 / 0.97 / 0.71 at 14336 × 4096,
-// two blocks per SM at 128 registers), 8 × 4 (1.40 / 1.18 / 0.77), 4 × 4 (1.35 / 0.79 / 0.45
-// before the 16-byte `left` loads), W loaded before the terms are summed (spills; 2-5 %
-// slower), the conversions selected per element at run time (1-3 % slower). Ranks above ~20 are
-// bound by the fused multiply-adds themselves: r per element, 33.5 T a second on an H200,
-// so at r = 64 no exact f32 kernel passes ~2.1 TB/s.
+// registers up to r = 16); torch's addmm 1.50 / 1.50 / 1.52 and a device copy 4.0. The loads
+// of a stage, and of the tile's W, are all issued before the first is used: loading each W
+// just before its use left the warps waiting on memory (1.54 / 1.25 / 0.80; the profile's
+// main stall at r = 16 was the long scoreboard). Tried in the same runs and slower: 8 rows ×
+// 8 columns a thread (1.11 / 0.97 / 0.71, two blocks per SM at 128 registers), 8 × 4
+// (1.40 / 1.18 / 0.77), 4 × 4 (1.35 / 0.79 / 0.45), three blocks per SM with more registers
+// (1.67 / 1.30 / 0.81), persistent blocks that keep `right` in shared memory for all their row
+// tiles and load the next pass's `left` during the sums (at best 1.52 / 1.22 / 0.78), the
+// conversions selected per element at run time (1-3 % slower). Ranks above ~20 are bound by
+// the fused multiply-adds themselves: r per element, 33.5 T a second on an H200, so at r = 64
+// no exact f32 kernel passes ~2.1 TB/s.
 // Launch: block (256), grid (ceil(cols / (64·H)), min(ceil(rows / (16·R)), 65535)); row tiles
 // are strided by gridDim.y.
 #define WS_KC 32
@@ -160,41 +165,66 @@ __device__ __forceinline__ void ws_merge_tile(
             const int kc = rank - k0 < WS_KC ? rank - k0 : WS_KC;
             // The previous pass (or row tile) has finished reading the staged terms.
             __syncthreads();
+            // Every load of the stage is issued before the first store to shared memory, so
+            // they are in flight together.
             float* lsf = (float*)ls;
             if ((rank & 3) == 0) {
                 // Four terms of a row in one 16-byte load: a warp reads whole runs of `left`.
-                for (int e = tid; e < (16 * R) * (WS_KC / 4); e += 256) {
+                constexpr int N = (16 * R) * (WS_KC / 4) / 256;
+                float4 v[N];
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    int e = tid + 256 * q;
                     int row = e / (WS_KC / 4);
                     int k = (e % (WS_KC / 4)) * 4;
-                    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    v[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                     if (k < kc && r0 + row < rows) {
-                        v = *(const float4*)(left + (first_row + r0 + row) * rank + k0 + k);
+                        v[q] = *(const float4*)(left + (first_row + r0 + row) * rank + k0 + k);
                     }
-                    lsf[k * (16 * R) + row] = v.x;
-                    lsf[(k + 1) * (16 * R) + row] = v.y;
-                    lsf[(k + 2) * (16 * R) + row] = v.z;
-                    lsf[(k + 3) * (16 * R) + row] = v.w;
+                }
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    int e = tid + 256 * q;
+                    int row = e / (WS_KC / 4);
+                    int k = (e % (WS_KC / 4)) * 4;
+                    lsf[k * (16 * R) + row] = v[q].x;
+                    lsf[(k + 1) * (16 * R) + row] = v[q].y;
+                    lsf[(k + 2) * (16 * R) + row] = v[q].z;
+                    lsf[(k + 3) * (16 * R) + row] = v[q].w;
                 }
             } else {
-                for (int e = tid; e < (16 * R) * WS_KC; e += 256) {
+                constexpr int N = (16 * R) * WS_KC / 256;
+                float v[N];
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    int e = tid + 256 * q;
                     int row = e % (16 * R);
                     int k = e / (16 * R);
-                    float v = 0.0f;
-                    if (k < kc && r0 + row < rows) {
-                        v = left[(first_row + r0 + row) * rank + k0 + k];
-                    }
-                    lsf[k * (16 * R) + row] = v;
+                    v[q] = k < kc && r0 + row < rows ? left[(first_row + r0 + row) * rank + k0 + k] : 0.0f;
+                }
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    lsf[tid + 256 * q] = v[q];
                 }
             }
-            for (int e = tid; e < WS_KC * 16 * H; e += 256) {
-                int k = e / (16 * H);
-                int c4 = e % (16 * H);
-                long long col = c0 + c4 * 4;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (k < kc && col < cols) {
-                    v = *(const float4*)(right + (long long)(k0 + k) * cols + col);
+            {
+                constexpr int N = WS_KC * 16 * H / 256;
+                float4 v[N];
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    int e = tid + 256 * q;
+                    int k = e / (16 * H);
+                    long long col = c0 + (e % (16 * H)) * 4;
+                    v[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    if (k < kc && col < cols) {
+                        v[q] = *(const float4*)(right + (long long)(k0 + k) * cols + col);
+                    }
                 }
-                rs[k][c4] = v;
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    int e = tid + 256 * q;
+                    rs[e / (16 * H)][e % (16 * H)] = v[q];
+                }
             }
             __syncthreads();
 #pragma unroll 4
@@ -226,36 +256,47 @@ __device__ __forceinline__ void ws_merge_tile(
                 }
             }
         }
+        // Every load of W is issued before the first is used, so they are in flight together.
+        uint2 w[R][H];
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-            long long r = r0 + ty * R + i;
-            if (r >= rows) {
-                continue;
-            }
-            float frow = factors != 0 && !factor_per_column ? factors[first_row + r] : 1.0f;
 #pragma unroll
             for (int h = 0; h < H; ++h) {
+                long long r = r0 + ty * R + i;
                 long long col = c0 + h * 64 + tx * 4;
-                if (col >= cols) {
-                    continue;
+                w[i][h] = make_uint2(0u, 0u);
+                if (r < rows && col < cols) {
+                    w[i][h] = *(const uint2*)(base + r * cols + col);
                 }
-                const uint2 w = *(const uint2*)(base + r * cols + col);
-                unsigned short o[4];
+            }
+        }
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    unsigned int wv = e < 2 ? w.x : w.y;
-                    float acc = ws_decode<BK>((unsigned short)(wv >> (16 * (e & 1))));
-                    if (left != 0) {
-                        acc = __fadd_rn(acc, d[i][h * 4 + e]);
+        for (int i = 0; i < R; ++i) {
+            const long long r = r0 + ty * R + i;
+            const float frow =
+                factors != 0 && !factor_per_column && r < rows ? factors[first_row + r] : 1.0f;
+#pragma unroll
+            for (int h = 0; h < H; ++h) {
+                const long long col = c0 + h * 64 + tx * 4;
+                if (r < rows && col < cols) {
+                    const uint2 wv = w[i][h];
+                    unsigned short o[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        unsigned int half = e < 2 ? wv.x : wv.y;
+                        float acc = ws_decode<BK>((unsigned short)(half >> (16 * (e & 1))));
+                        if (left != 0) {
+                            acc = __fadd_rn(acc, d[i][h * 4 + e]);
+                        }
+                        if (factors != 0) {
+                            acc = __fmul_rn(acc, factor_per_column ? factors[col + e] : frow);
+                        }
+                        o[e] = ws_encode<OK>(acc);
                     }
-                    if (factors != 0) {
-                        acc = __fmul_rn(acc, factor_per_column ? factors[col + e] : frow);
-                    }
-                    o[e] = ws_encode<OK>(acc);
+                    *(uint2*)(out + r * cols + col) =
+                        make_uint2((unsigned int)o[0] | ((unsigned int)o[1] << 16),
+                                   (unsigned int)o[2] | ((unsigned int)o[3] << 16));
                 }
-                *(uint2*)(out + r * cols + col) =
-                    make_uint2((unsigned int)o[0] | ((unsigned int)o[1] << 16),
-                               (unsigned int)o[2] | ((unsigned int)o[3] << 16));
             }
         }
     }
@@ -263,7 +304,7 @@ __device__ __forceinline__ void ws_merge_tile(
 
 // base_kind and out_kind are taken for the common signature of the merge kernels; these
 // kernels are built for their kinds.
-#define WS_TILE_KERNEL(NAME, R, H, MIN_BLOCKS, BK, OK)                                          \
+#define WS_TILE_KERNEL(NAME, R, H, MIN_BLOCKS, BK, OK)                                             \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                         \
         const unsigned short* base, int base_kind, const float* left, const float* right,      \
         int rank, const float* factors, int factor_per_column, unsigned short* out,            \

@@ -3,7 +3,7 @@
 # device-resident weight, no host copies) beside torch's device copy (the ceiling) and torch's
 # addmm merge, on Llama-3-8B shapes and ranks 16 and 64; also our kernel launched per 4096-row
 # block (32 MiB of BF16 output, as the merge pipeline launches it). PREV_PTX=FILE times that
-# PTX's lora_merge_tile too in the same call (e.g. from another commit:
+# PTX's lora_merge_tile_bb too in the same call (e.g. from another commit:
 # `git show REV:crates/lora-kernels/ptx/merge.ptx > .bin/prev.ptx`). CHECK=1 first runs
 # the GPU tests that compare the CUDA merge with the CPU's bits (cli_merge, merge_fixtures,
 # quantized from .bin/tests: bash scripts/gpu-check.sh --build; kernel_on_host there runs every
@@ -38,7 +38,13 @@ if [ "${PROFILE:-0}" = 1 ]; then
   ptxas -arch=sm_90 -v crates/lora-kernels/ptx/merge.ptx -o /tmp/merge.cubin 2>&1 | grep -E "registers|spill" | head -40
   for krc in $VARIANTS lora_merge:0:0; do k=${krc%%:*}; cuobjdump -sass -fun "$k" /tmp/merge.cubin > "$OUT/sass/$k.txt" 2>&1; done
   if command -v ncu > /dev/null; then
-    for kr in "lora_merge_tile 64" "lora_merge_tile 16" "${PROFILE_KERNELS:-}"; do
+    for r in 16 64; do
+      timeout 120 ncu --launch-skip 2 --launch-count 1 --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        .bin/kernel_rate 14336 4096 $r > "$OUT/ncu-stalls-r$r.txt" 2>&1
+      echo "stalls at r = $r (warps per issue):"
+      grep -E "stalled" "$OUT/ncu-stalls-r$r.txt" | awk '$NF > 0.05' | sed -E 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//' | sort -k3 -g -r | head -12
+    done
+    for kr in "lora_merge_tile_bb 64" "lora_merge_tile_bb 16" "${PROFILE_KERNELS:-}"; do
       set -- $kr; [ $# = 2 ] || continue
       WEIGHTSMITH_MERGE_KERNEL=$1 timeout 120 ncu --launch-skip 2 --launch-count 1 --section SpeedOfLight \
         --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
@@ -60,8 +66,16 @@ for shape in ${SHAPES:-14336,4096 4096,14336 4096,4096}; do
         WEIGHTSMITH_MERGE_KERNEL=$k WEIGHTSMITH_MERGE_TILE_ROWS=$tr WEIGHTSMITH_MERGE_TILE_COLS=$tc timeout 30 .bin/kernel_rate $shape $rank
       done
       WEIGHTSMITH_MERGE_KERNEL=lora_merge timeout 30 .bin/kernel_rate $shape $rank
+      # Kernels that stride over row tiles by design (BLOCK_SWEEP="NAME:ROWS:COLS ..."), at
+      # several block targets.
+      for krc in ${BLOCK_SWEEP:-}; do
+        IFS=: read -r k tr tc <<< "$krc"
+        for b in 528 1056 2112 100000000; do
+          WEIGHTSMITH_MERGE_BLOCKS=$b WEIGHTSMITH_MERGE_KERNEL=$k WEIGHTSMITH_MERGE_TILE_ROWS=$tr WEIGHTSMITH_MERGE_TILE_COLS=$tc timeout 30 .bin/kernel_rate $shape $rank
+        done
+      done
     fi
-    [ -n "${PREV_PTX:-}" ] && WEIGHTSMITH_MERGE_KERNEL=lora_merge_tile WEIGHTSMITH_MERGE_PTX=$PREV_PTX timeout 30 .bin/kernel_rate $shape $rank
+    [ -n "${PREV_PTX:-}" ] && WEIGHTSMITH_MERGE_KERNEL=lora_merge_tile_bb WEIGHTSMITH_MERGE_PTX=$PREV_PTX timeout 30 .bin/kernel_rate $shape $rank
     timeout 60 python3 scripts/kernel_rate_peer.py $shape $rank
   done
 done

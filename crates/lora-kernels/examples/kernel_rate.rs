@@ -12,7 +12,7 @@
 //! To compare kernels: `WEIGHTSMITH_MERGE_KERNEL=NAME` runs that kernel of the PTX instead,
 //! `lora_merge` with its own launch, any other name with a tile launch of
 //! `WEIGHTSMITH_MERGE_TILE_ROWS` × `WEIGHTSMITH_MERGE_TILE_COLS` (default `gpu::TILE_ROWS` ×
-//! `gpu::TILE_COLS`);
+//! `gpu::TILE_COLS`) and at most about `WEIGHTSMITH_MERGE_BLOCKS` blocks;
 //! `WEIGHTSMITH_MERGE_PTX=FILE` loads that PTX instead of the embedded one.
 
 use std::time::Instant;
@@ -61,6 +61,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let tile_cols = env_or("WEIGHTSMITH_MERGE_TILE_COLS", TILE_COLS)?;
     let tile_rows = env_or("WEIGHTSMITH_MERGE_TILE_ROWS", TILE_ROWS)?;
+    // A target of blocks: fewer row tiles in the grid, the kernel striding over the rest.
+    let target_blocks = env_or("WEIGHTSMITH_MERGE_BLOCKS", usize::MAX)?;
     if cols % 4 != 0 && forced.as_deref() != Some("lora_merge") {
         return Err("cols must be a multiple of 4 for the tile kernels".into());
     }
@@ -72,7 +74,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 kernel: name.to_string().leak(),
                 grid: (
                     cols.div_ceil(tile_cols) as u32,
-                    (n.div_ceil(tile_rows) as u32).clamp(1, 65535),
+                    (n.div_ceil(tile_rows)
+                        .min(target_blocks.div_ceil(cols.div_ceil(tile_cols)))
+                        as u32)
+                        .clamp(1, 65535),
                     1,
                 ),
                 block: (256, 1, 1),
