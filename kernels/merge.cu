@@ -36,27 +36,37 @@ __device__ __forceinline__ unsigned short ws_f32_to_f16(float v) {
 #endif
 }
 
-extern "C" __device__ float ws_load(const void* base, int kind, long long i) {
-    if (kind == 2) {
-        return ((const float*)base)[i];
-    }
-    unsigned short h = ((const unsigned short*)base)[i];
-    if (kind == 0) {
+// 16-bit decoding and rounding for a kind known at compile time: K = 0 BF16, 1 F16.
+template <int K>
+__device__ __forceinline__ float ws_decode(unsigned short h) {
+    if (K == 0) {
         return __int_as_float(((unsigned int)h) << 16);
     }
     return ws_f16_to_f32(h);
 }
 
+template <int K>
+__device__ __forceinline__ unsigned short ws_encode(float v) {
+    if (K == 0) {
+        unsigned int bits = __float_as_uint(v);
+        unsigned int rounding = 0x7fffu + ((bits >> 16) & 1u);
+        return (bits & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((bits >> 16) | 0x0040u)
+                                                  : (unsigned short)((bits + rounding) >> 16);
+    }
+    return ws_f32_to_f16(v);
+}
+
+// The same for a kind chosen at run time (the one-element kernel); kind 2 of ws_load is F32.
+extern "C" __device__ float ws_load(const void* base, int kind, long long i) {
+    if (kind == 2) {
+        return ((const float*)base)[i];
+    }
+    unsigned short h = ((const unsigned short*)base)[i];
+    return kind == 0 ? ws_decode<0>(h) : ws_decode<1>(h);
+}
+
 extern "C" __device__ unsigned short ws_round16(float v, int kind) {
-    if (kind == 1) {
-        return ws_f32_to_f16(v);
-    }
-    unsigned int bits = __float_as_uint(v);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        return (unsigned short)((bits >> 16) | 0x0040u);
-    }
-    unsigned int rounding = 0x7fffu + ((bits >> 16) & 1u);
-    return (unsigned short)((bits + rounding) >> 16);
+    return kind == 1 ? ws_encode<1>(v) : ws_encode<0>(v);
 }
 
 // lora_merge: one element per thread, any base dtype and width (F32 bases, widths not divisible
@@ -119,26 +129,6 @@ extern "C" __global__ void lora_merge(
 // Launch: block (256), grid (ceil(cols / (64·H)), min(ceil(rows / (16·R)), 65535)); row tiles
 // are strided by gridDim.y.
 #define WS_KC 32
-
-// 16-bit decoding and rounding for a kind known at compile time: K = 0 BF16, 1 F16.
-template <int K>
-__device__ __forceinline__ float ws_decode(unsigned short h) {
-    if (K == 0) {
-        return __int_as_float(((unsigned int)h) << 16);
-    }
-    return ws_f16_to_f32(h);
-}
-
-template <int K>
-__device__ __forceinline__ unsigned short ws_encode(float v) {
-    if (K == 0) {
-        unsigned int bits = __float_as_uint(v);
-        unsigned int rounding = 0x7fffu + ((bits >> 16) & 1u);
-        return (bits & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((bits >> 16) | 0x0040u)
-                                                  : (unsigned short)((bits + rounding) >> 16);
-    }
-    return ws_f32_to_f16(v);
-}
 
 template <int R, int H, int BK, int OK>
 __device__ __forceinline__ void ws_merge_tile(

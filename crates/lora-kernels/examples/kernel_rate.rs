@@ -55,7 +55,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let left = fill(rows * rank * 4, &|i| f32_bytes[i % 4])?;
     let right = fill(rank * cols * 4, &|i| f32_bytes[i % 4])?;
     let out = DeviceAlloc::new(&ctx, rows * cols * 2)?;
-    let forced = std::env::var("WEIGHTSMITH_MERGE_KERNEL").ok();
+    // Leaked once: a launch names its kernel with a `&'static str`.
+    let forced: Option<&'static str> = std::env::var("WEIGHTSMITH_MERGE_KERNEL")
+        .ok()
+        .map(|name| &*name.leak());
     let env_or = |name: &str, default: usize| -> Result<usize, std::num::ParseIntError> {
         std::env::var(name).map_or(Ok(default), |n| Ok(n.parse::<usize>()?.max(1)))
     };
@@ -63,15 +66,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tile_rows = env_or("WEIGHTSMITH_MERGE_TILE_ROWS", TILE_ROWS)?;
     // A target of blocks: fewer row tiles in the grid, the kernel striding over the rest.
     let target_blocks = env_or("WEIGHTSMITH_MERGE_BLOCKS", usize::MAX)?;
-    if cols % 4 != 0 && forced.as_deref() != Some("lora_merge") {
+    if cols % 4 != 0 && forced != Some("lora_merge") {
         return Err("cols must be a multiple of 4 for the tile kernels".into());
     }
     let pick = |n: usize| -> KernelLaunch {
-        match forced.as_deref() {
+        match forced {
             None => merge_launch(Dtype::BF16, Dtype::BF16, n, cols).expect("BF16 is merged"),
             Some("lora_merge") => scalar_launch(n, cols),
             Some(name) => KernelLaunch {
-                kernel: name.to_string().leak(),
+                kernel: name,
                 grid: (
                     cols.div_ceil(tile_cols) as u32,
                     (n.div_ceil(tile_rows)
