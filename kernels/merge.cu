@@ -112,37 +112,60 @@ extern "C" __global__ void lora_merge(
 // and `right`; per term a thread makes 4·R·H fused multiply-adds for R/4 + H shared loads. W
 // is read after the terms are summed (it would hold registers through the sums), which is
 // why d starts from +0 and W is added last.
+// The body is compiled twice: for a product without DoRA (the common case), with no
+// per-element tests of `left` or `factors`, and for everything else. Offsets within a tile are
+// 32-bit (at most 63 rows of cols < 2^24 columns: gpu::TILE_MAX_COLS; wider tensors take
+// lora_merge), which spares most of the 64-bit address arithmetic.
 // On an H200, BF16, r = 16 / 32 / 64 (scripts/device-kernel-rate.sh), 14336 × 4096:
-// 1.70 / 1.31 / 0.85 TB/s, 4096 × 4096: 1.45 / 1.13 / 0.76, against 1.58 / 0.96 / 0.53 and
-// 1.32 / - / 0.50 for the kernels before it (one multiply and one add per term, right in
-// registers up to r = 16); torch's addmm 1.50 / 1.50 / 1.52 and a device copy 4.0. The loads
-// of a stage, and of the tile's W, are all issued before the first is used: loading each W
-// just before its use left the warps waiting on memory (1.54 / 1.25 / 0.80; the profile's
-// main stall at r = 16 was the long scoreboard). Tried in the same runs and slower: 8 rows ×
-// 8 columns a thread (1.11 / 0.97 / 0.71, two blocks per SM at 128 registers), 8 × 4
-// (1.40 / 1.18 / 0.77), 4 × 4 (1.35 / 0.79 / 0.45), three blocks per SM with more registers
-// (1.67 / 1.30 / 0.81), persistent blocks that keep `right` in shared memory for all their row
-// tiles and load the next pass's `left` during the sums (at best 1.52 / 1.22 / 0.78), the
-// conversions selected per element at run time (1-3 % slower). Ranks above ~20 are bound by
-// the fused multiply-adds themselves: r per element, 33.5 T a second on an H200, so at r = 64
-// no exact f32 kernel passes ~2.1 TB/s.
+// 2.08 / 1.44 / 0.90 TB/s, 4096 × 4096: 1.75 / 1.30 / 0.83, against 1.70 / 1.31 / 0.85 and
+// 1.43 / 1.12 / 0.75 with one body and 64-bit offsets, 1.58 / 0.96 / 0.53 at 14336 × 4096 for
+// the kernels before the tiles (one multiply and one add per term); torch's addmm
+// 1.50 / 1.49 / 1.52 and a device copy 4.0. The loads of a stage, and of the tile's W, are all
+// issued before the first is used: loading each W just before its use left the warps waiting
+// on memory (1.54 / 1.25 / 0.80). Tried and slower or no faster, 14336 × 4096: W's tile
+// prefetched to L2 when the tile starts (2.01 / 1.32 / 0.87); W's tile loaded with the first
+// stage and kept in shared memory (1.32 / 1.03 / 0.69; with cp.async in a compute_80 build
+// 1.91 / 1.39 / 0.85); rounding BF16 pairs with one prmt (2.02 / 1.43 / 0.88); compute_80's
+// cvt.rn.bf16x2.f32 (2.16 / 1.53 / 0.95, 4-6 % for a second PTX: not taken); 8 rows × 8
+// columns a thread (1.11 / 0.97 / 0.71 before the two bodies, two blocks per SM at 128
+// registers), 8 × 4 (1.40 / 1.18 / 0.77), 4 × 4 (1.35 / 0.79 / 0.45), three blocks per SM
+// with more registers (1.67 / 1.30 / 0.81), persistent blocks that keep `right` in shared
+// memory for all their row tiles (at best 1.52 / 1.22 / 0.78), the conversions selected per
+// element at run time (1-3 % slower). Ranks above ~20 are bound by the fused multiply-adds
+// themselves: r per element, 33.5 T a second on an H200, so at r = 64 no exact f32 kernel
+// passes ~2.1 TB/s.
 // Launch: block (256), grid (ceil(cols / (64·H)), min(ceil(rows / (16·R)), 65535)); row tiles
 // are strided by gridDim.y.
 #define WS_KC 32
 
-template <int R, int H, int BK, int OK>
+// The staged terms of a tile kernel, one copy for its plain and its general body.
+template <int R, int H>
+struct ws_tile_smem {
+    float4 ls[WS_KC][(16 * R) / 4];
+    float4 rs[WS_KC][16 * H];
+};
+
+// PLAIN: the body for a product without DoRA (left != 0, factors == 0), the merge's common
+// case, with no per-element tests of either.
+template <int R, int H, int BK, int OK, bool PLAIN>
 __device__ __forceinline__ void ws_merge_tile(
+    ws_tile_smem<R, H>& sm,
     const unsigned short* base, const float* left, const float* right, int rank,
     const float* factors, int factor_per_column, unsigned short* out,
     long long rows, long long cols, long long first_row)
 {
-    __shared__ float4 ls[WS_KC][(16 * R) / 4];
-    __shared__ float4 rs[WS_KC][16 * H];
+    constexpr int TR = 16 * R;
+    constexpr int TC = 64 * H;
     const int tid = threadIdx.x;
     const int tx = tid & 15;
     const int ty = tid >> 4;
-    const long long c0 = (long long)blockIdx.x * (64 * H);
-    for (long long r0 = (long long)blockIdx.y * (16 * R); r0 < rows; r0 += (long long)gridDim.y * (16 * R)) {
+    const int ncols = (int)cols;
+    const long long c0 = (long long)blockIdx.x * TC;
+    const int tcols = cols - c0 < TC ? (int)(cols - c0) : TC;
+    for (long long r0 = (long long)blockIdx.y * TR; r0 < rows; r0 += (long long)gridDim.y * TR) {
+        const int trows = rows - r0 < TR ? (int)(rows - r0) : TR;
+        const unsigned short* wt = base + r0 * cols + c0;
+        unsigned short* ot = out + r0 * cols + c0;
         float d[R][4 * H];
 #pragma unroll
         for (int i = 0; i < R; ++i) {
@@ -153,44 +176,46 @@ __device__ __forceinline__ void ws_merge_tile(
         }
         for (int k0 = 0; left != 0 && k0 < rank; k0 += WS_KC) {
             const int kc = rank - k0 < WS_KC ? rank - k0 : WS_KC;
+            const float* lt = left + (first_row + r0) * rank + k0;
+            const float* rt = right + (long long)k0 * cols + c0;
             // The previous pass (or row tile) has finished reading the staged terms.
             __syncthreads();
             // Every load of the stage is issued before the first store to shared memory, so
             // they are in flight together.
-            float* lsf = (float*)ls;
+            float* lsf = (float*)sm.ls;
             if ((rank & 3) == 0) {
                 // Four terms of a row in one 16-byte load: a warp reads whole runs of `left`.
-                constexpr int N = (16 * R) * (WS_KC / 4) / 256;
+                constexpr int N = TR * (WS_KC / 4) / 256;
                 float4 v[N];
 #pragma unroll
                 for (int q = 0; q < N; ++q) {
-                    int e = tid + 256 * q;
-                    int row = e / (WS_KC / 4);
-                    int k = (e % (WS_KC / 4)) * 4;
+                    const int e = tid + 256 * q;
+                    const int row = e / (WS_KC / 4);
+                    const int k = (e % (WS_KC / 4)) * 4;
                     v[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                    if (k < kc && r0 + row < rows) {
-                        v[q] = *(const float4*)(left + (first_row + r0 + row) * rank + k0 + k);
+                    if (k < kc && row < trows) {
+                        v[q] = *(const float4*)(lt + row * rank + k);
                     }
                 }
 #pragma unroll
                 for (int q = 0; q < N; ++q) {
-                    int e = tid + 256 * q;
-                    int row = e / (WS_KC / 4);
-                    int k = (e % (WS_KC / 4)) * 4;
-                    lsf[k * (16 * R) + row] = v[q].x;
-                    lsf[(k + 1) * (16 * R) + row] = v[q].y;
-                    lsf[(k + 2) * (16 * R) + row] = v[q].z;
-                    lsf[(k + 3) * (16 * R) + row] = v[q].w;
+                    const int e = tid + 256 * q;
+                    const int row = e / (WS_KC / 4);
+                    const int k = (e % (WS_KC / 4)) * 4;
+                    lsf[k * TR + row] = v[q].x;
+                    lsf[(k + 1) * TR + row] = v[q].y;
+                    lsf[(k + 2) * TR + row] = v[q].z;
+                    lsf[(k + 3) * TR + row] = v[q].w;
                 }
             } else {
-                constexpr int N = (16 * R) * WS_KC / 256;
+                constexpr int N = TR * WS_KC / 256;
                 float v[N];
 #pragma unroll
                 for (int q = 0; q < N; ++q) {
-                    int e = tid + 256 * q;
-                    int row = e % (16 * R);
-                    int k = e / (16 * R);
-                    v[q] = k < kc && r0 + row < rows ? left[(first_row + r0 + row) * rank + k0 + k] : 0.0f;
+                    const int e = tid + 256 * q;
+                    const int row = e % TR;
+                    const int k = e / TR;
+                    v[q] = k < kc && row < trows ? lt[row * rank + k] : 0.0f;
                 }
 #pragma unroll
                 for (int q = 0; q < N; ++q) {
@@ -202,18 +227,18 @@ __device__ __forceinline__ void ws_merge_tile(
                 float4 v[N];
 #pragma unroll
                 for (int q = 0; q < N; ++q) {
-                    int e = tid + 256 * q;
-                    int k = e / (16 * H);
-                    long long col = c0 + (e % (16 * H)) * 4;
+                    const int e = tid + 256 * q;
+                    const int k = e / (16 * H);
+                    const int col = (e % (16 * H)) * 4;
                     v[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                    if (k < kc && col < cols) {
-                        v[q] = *(const float4*)(right + (long long)(k0 + k) * cols + col);
+                    if (k < kc && col < tcols) {
+                        v[q] = *(const float4*)(rt + k * ncols + col);
                     }
                 }
 #pragma unroll
                 for (int q = 0; q < N; ++q) {
-                    int e = tid + 256 * q;
-                    rs[e / (16 * H)][e % (16 * H)] = v[q];
+                    const int e = tid + 256 * q;
+                    sm.rs[e / (16 * H)][e % (16 * H)] = v[q];
                 }
             }
             __syncthreads();
@@ -222,7 +247,7 @@ __device__ __forceinline__ void ws_merge_tile(
                 float a[R];
 #pragma unroll
                 for (int q = 0; q < R / 4; ++q) {
-                    float4 av = ls[k][ty * (R / 4) + q];
+                    float4 av = sm.ls[k][ty * (R / 4) + q];
                     a[4 * q] = av.x;
                     a[4 * q + 1] = av.y;
                     a[4 * q + 2] = av.z;
@@ -231,7 +256,7 @@ __device__ __forceinline__ void ws_merge_tile(
                 float b[4 * H];
 #pragma unroll
                 for (int h = 0; h < H; ++h) {
-                    float4 bv = rs[k][16 * h + tx];
+                    float4 bv = sm.rs[k][16 * h + tx];
                     b[4 * h] = bv.x;
                     b[4 * h + 1] = bv.y;
                     b[4 * h + 2] = bv.z;
@@ -252,40 +277,40 @@ __device__ __forceinline__ void ws_merge_tile(
         for (int i = 0; i < R; ++i) {
 #pragma unroll
             for (int h = 0; h < H; ++h) {
-                long long r = r0 + ty * R + i;
-                long long col = c0 + h * 64 + tx * 4;
+                const int row = ty * R + i;
+                const int col = h * 64 + tx * 4;
                 w[i][h] = make_uint2(0u, 0u);
-                if (r < rows && col < cols) {
-                    w[i][h] = *(const uint2*)(base + r * cols + col);
+                if (row < trows && col < tcols) {
+                    w[i][h] = *(const uint2*)(wt + row * ncols + col);
                 }
             }
         }
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-            const long long r = r0 + ty * R + i;
-            const float frow =
-                factors != 0 && !factor_per_column && r < rows ? factors[first_row + r] : 1.0f;
+            const int row = ty * R + i;
+            const float frow = !PLAIN && factors != 0 && !factor_per_column && row < trows
+                                   ? factors[first_row + r0 + row]
+                                   : 1.0f;
 #pragma unroll
             for (int h = 0; h < H; ++h) {
-                const long long col = c0 + h * 64 + tx * 4;
-                if (r < rows && col < cols) {
+                const int col = h * 64 + tx * 4;
+                if (row < trows && col < tcols) {
                     const uint2 wv = w[i][h];
-                    unsigned short o[4];
+                    float acc[4];
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         unsigned int half = e < 2 ? wv.x : wv.y;
-                        float acc = ws_decode<BK>((unsigned short)(half >> (16 * (e & 1))));
-                        if (left != 0) {
-                            acc = __fadd_rn(acc, d[i][h * 4 + e]);
+                        acc[e] = ws_decode<BK>((unsigned short)(half >> (16 * (e & 1))));
+                        if (PLAIN || left != 0) {
+                            acc[e] = __fadd_rn(acc[e], d[i][h * 4 + e]);
                         }
-                        if (factors != 0) {
-                            acc = __fmul_rn(acc, factor_per_column ? factors[col + e] : frow);
+                        if (!PLAIN && factors != 0) {
+                            acc[e] = __fmul_rn(acc[e], factor_per_column ? factors[c0 + col + e] : frow);
                         }
-                        o[e] = ws_encode<OK>(acc);
                     }
-                    *(uint2*)(out + r * cols + col) =
-                        make_uint2((unsigned int)o[0] | ((unsigned int)o[1] << 16),
-                                   (unsigned int)o[2] | ((unsigned int)o[3] << 16));
+                    *(uint2*)(ot + row * ncols + col) = make_uint2(
+                        (unsigned int)ws_encode<OK>(acc[0]) | ((unsigned int)ws_encode<OK>(acc[1]) << 16),
+                        (unsigned int)ws_encode<OK>(acc[2]) | ((unsigned int)ws_encode<OK>(acc[3]) << 16));
                 }
             }
         }
@@ -294,16 +319,22 @@ __device__ __forceinline__ void ws_merge_tile(
 
 // base_kind and out_kind are taken for the common signature of the merge kernels; these
 // kernels are built for their kinds.
-#define WS_TILE_KERNEL(NAME, R, H, MIN_BLOCKS, BK, OK)                                             \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                         \
-        const unsigned short* base, int base_kind, const float* left, const float* right,      \
-        int rank, const float* factors, int factor_per_column, unsigned short* out,            \
-        int out_kind, long long rows, long long cols, long long first_row)                      \
-    {                                                                                           \
-        (void)base_kind;                                                                        \
-        (void)out_kind;                                                                         \
-        ws_merge_tile<R, H, BK, OK>(base, left, right, rank, factors, factor_per_column, out,   \
-                                    rows, cols, first_row);                                     \
+#define WS_TILE_KERNEL(NAME, R, H, MIN_BLOCKS, BK, OK)                                     \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                     \
+        const unsigned short* base, int base_kind, const float* left, const float* right,  \
+        int rank, const float* factors, int factor_per_column, unsigned short* out,        \
+        int out_kind, long long rows, long long cols, long long first_row)                  \
+    {                                                                                       \
+        (void)base_kind;                                                                    \
+        (void)out_kind;                                                                     \
+        __shared__ ws_tile_smem<R, H> sm;                                                   \
+        if (left != 0 && factors == 0) {                                                    \
+            ws_merge_tile<R, H, BK, OK, true>(sm, base, left, right, rank, factors,         \
+                                              factor_per_column, out, rows, cols, first_row); \
+        } else {                                                                            \
+            ws_merge_tile<R, H, BK, OK, false>(sm, base, left, right, rank, factors,        \
+                                               factor_per_column, out, rows, cols, first_row); \
+        }                                                                                   \
     }
 
 // R = 4, H = 2: 64 × 128 tiles, 64 registers, four blocks per SM (gpu::TILE_ROWS, TILE_COLS).

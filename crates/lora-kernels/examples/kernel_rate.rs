@@ -13,7 +13,10 @@
 //! `lora_merge` with its own launch, any other name with a tile launch of
 //! `WEIGHTSMITH_MERGE_TILE_ROWS` × `WEIGHTSMITH_MERGE_TILE_COLS` (default `gpu::TILE_ROWS` ×
 //! `gpu::TILE_COLS`) and at most about `WEIGHTSMITH_MERGE_BLOCKS` blocks;
-//! `WEIGHTSMITH_MERGE_PTX=FILE` loads that PTX instead of the embedded one.
+//! `WEIGHTSMITH_MERGE_PTX=FILE` loads that PTX instead of the embedded one. Either way the
+//! output is then compared with the embedded PTX's BF16 → BF16 merge of the same inputs
+//! (`bytes_differing_from_default`: 0 for a kernel that gives the same bits; not 0 for kernels
+//! of other dtypes, which read the BF16 test weights as theirs).
 
 use std::time::Instant;
 
@@ -49,11 +52,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stream.synchronize()?;
         Ok(a)
     };
-    // BF16 weights near 0.02 and f32 factors near 0.01.
-    let w = fill(rows * cols * 2, &|i| if i % 2 == 0 { 0x23 } else { 0x3c })?;
-    let f32_bytes = 0.01f32.to_le_bytes();
-    let left = fill(rows * rank * 4, &|i| f32_bytes[i % 4])?;
-    let right = fill(rank * cols * 4, &|i| f32_bytes[i % 4])?;
+    // Pseudo-random BF16 weights of magnitude 2^-7 .. 2^-4 with either sign, and f32 factors
+    // of magnitude below 0.02: varied bits, so a kernel that differs from the default one
+    // shows it in the comparison below.
+    let hash = |i: usize| -> u32 {
+        let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^= x >> 29;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        (x >> 32) as u32
+    };
+    let w = fill(rows * cols * 2, &|i| {
+        let h = hash(i / 2);
+        let v = ((h & 0x8000) | ((120 + (h >> 16) % 4) << 7) | (h & 0x7f)) as u16;
+        v.to_le_bytes()[i % 2]
+    })?;
+    let small = |seed: usize| {
+        move |i: usize| {
+            let h = hash(seed + i / 4);
+            let v = ((h % 20001) as f32 - 10000.0) * 2e-6;
+            v.to_le_bytes()[i % 4]
+        }
+    };
+    let left = fill(rows * rank * 4, &small(1 << 40))?;
+    let right = fill(rank * cols * 4, &small(1 << 41))?;
     let out = DeviceAlloc::new(&ctx, rows * cols * 2)?;
     // Leaked once: a launch names its kernel with a `&'static str`.
     let forced: Option<&'static str> = std::env::var("WEIGHTSMITH_MERGE_KERNEL")
@@ -88,7 +109,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let launched = pick(per_launch);
-    let launch = |first: usize, n: usize| -> Result<(), gpu_mem::Error> {
+    let launch_into = |module: &Module,
+                       out: &DeviceAlloc,
+                       pick: &dyn Fn(usize) -> KernelLaunch,
+                       first: usize,
+                       n: usize|
+     -> Result<(), gpu_mem::Error> {
         let offset = (first * cols * 2) as u64;
         let args = [
             KernelArg::Ptr(w.device_ptr() + offset),
@@ -114,6 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // covers rows × cols in the tiles of the kernel named (a wrong name fails to launch).
         unsafe { module.launch(kernel, grid, block, &stream, &args) }
     };
+    let launch = |first: usize, n: usize| launch_into(&module, &out, &pick, first, n);
     let pass = || -> Result<(), gpu_mem::Error> {
         let mut first = 0;
         while first < rows {
@@ -132,9 +159,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     stream.synchronize()?;
     let seconds = started.elapsed().as_secs_f64() / iterations as f64;
+    // The kernel timed against the embedded PTX's own choice on the same inputs: the number
+    // of output bytes that differ (0 when it is that kernel).
+    let mut differ = 0usize;
+    if forced.is_some() || label != "embedded" {
+        let reference = Module::load_ptx(&ctx, MERGE_PTX)?;
+        let expected = DeviceAlloc::new(&ctx, rows * cols * 2)?;
+        let default_pick =
+            |n: usize| merge_launch(Dtype::BF16, Dtype::BF16, n, cols).expect("BF16 is merged");
+        launch_into(&reference, &expected, &default_pick, 0, rows)?;
+        stream.synchronize()?;
+        let mut a = vec![0u8; rows * cols * 2];
+        let mut b = vec![0u8; rows * cols * 2];
+        out.copy_to_host(0, &mut a)?;
+        expected.copy_to_host(0, &mut b)?;
+        differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    }
     let bytes = (rows * cols * 2 * 2) as f64;
     println!(
-        "{{\"label\": \"weightsmith-{}\", \"ptx\": \"{label}\", \"grid\": [{}, {}], \"rows\": {rows}, \"cols\": {cols}, \"rank\": {rank}, \"rows_per_launch\": {per_launch}, \"ms\": {:.3}, \"gb_per_s\": {:.1}}}",
+        "{{\"label\": \"weightsmith-{}\", \"ptx\": \"{label}\", \"grid\": [{}, {}], \"rows\": {rows}, \"cols\": {cols}, \"rank\": {rank}, \"rows_per_launch\": {per_launch}, \"ms\": {:.3}, \"gb_per_s\": {:.1}, \"bytes_differing_from_default\": {differ}}}",
         launched.kernel,
         launched.grid.0,
         launched.grid.1,

@@ -30,17 +30,19 @@ pub struct KernelLaunch {
 /// `WS_TILE_KERNEL` in kernels/merge.cu).
 pub const TILE_ROWS: usize = 64;
 pub const TILE_COLS: usize = 128;
+/// The tile kernels' widest tensor: their offsets within a tile are 32-bit.
+pub const TILE_MAX_COLS: usize = 1 << 24;
 
 /// The launch that merges a block of `rows` stored rows of `cols` columns of a `base` weight
 /// into `out`, whatever the rank: for a 16-bit base whose width is divisible by 4 (every
-/// projection and embedding of the models we merge), the tile kernel built for that pair of
-/// dtypes; else `lora_merge` (an F32 base, odd widths). `None` for dtypes the merge does not
+/// projection and embedding of the models we merge) and below [`TILE_MAX_COLS`], the tile
+/// kernel built for that pair of dtypes; else `lora_merge` (an F32 base, odd widths). `None` for dtypes the merge does not
 /// read or write.
 pub fn merge_launch(base: Dtype, out: Dtype, rows: usize, cols: usize) -> Option<KernelLaunch> {
     if !out.is_half() || !matches!(base, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
         return None;
     }
-    Some(if base.is_half() && cols % 4 == 0 {
+    Some(if base.is_half() && cols % 4 == 0 && cols < TILE_MAX_COLS {
         tile_launch(base, out, rows, cols, 65535)?
     } else {
         scalar_launch(rows, cols)
@@ -49,7 +51,7 @@ pub fn merge_launch(base: Dtype, out: Dtype, rows: usize, cols: usize) -> Option
 
 /// The tile kernel for a 16-bit `base` and `out` over `rows` × `cols`: a block per tile of
 /// [`TILE_ROWS`] × [`TILE_COLS`], at most `max_row_tiles` blocks down the rows (the kernel
-/// strides over the rest).
+/// strides over the rest). `None` for other dtypes, or `cols` of [`TILE_MAX_COLS`] or more.
 pub fn tile_launch(
     base: Dtype,
     out: Dtype,
@@ -64,6 +66,9 @@ pub fn tile_launch(
         (Dtype::F16, Dtype::F16) => "lora_merge_tile_hh",
         _ => return None,
     };
+    if cols >= TILE_MAX_COLS {
+        return None;
+    }
     Some(KernelLaunch {
         kernel,
         grid: (

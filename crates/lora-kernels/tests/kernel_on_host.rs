@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use lora_kernels::cpu::merge_rows;
 use lora_kernels::gpu::{
     gptq_dequant_launch, merge_launch, scalar_launch, tile_launch, KernelLaunch, TILE_COLS,
-    TILE_ROWS,
+    TILE_MAX_COLS, TILE_ROWS,
 };
 use lora_kernels::{encode_half, DoraScale, LoraProduct, LoraTerm};
 use st_io::Dtype;
@@ -560,6 +560,18 @@ fn tile_kernel_is_chosen_for_16_bit_bases_of_widths_divisible_by_4() {
         merge_launch(BF16, F16, 64, 4098).unwrap().kernel,
         "lora_merge"
     );
+    // The tile kernels' 32-bit offsets within a tile: wider tensors take lora_merge.
+    assert_eq!(
+        merge_launch(BF16, BF16, 64, TILE_MAX_COLS - 4)
+            .unwrap()
+            .kernel,
+        "lora_merge_tile_bb"
+    );
+    assert_eq!(
+        merge_launch(BF16, BF16, 64, TILE_MAX_COLS).unwrap().kernel,
+        "lora_merge"
+    );
+    assert!(tile_launch(BF16, BF16, 64, TILE_MAX_COLS, 65535).is_none());
     assert!(merge_launch(BF16, F32, 64, 4096).is_none());
     assert!(merge_launch(Dtype::I32, BF16, 64, 4096).is_none());
     let strided = tile_launch(BF16, BF16, 100_000_000, 4096, 3).unwrap();
