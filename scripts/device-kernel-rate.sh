@@ -4,7 +4,8 @@
 # addmm merge, on Llama-3-8B shapes and ranks 16 and 64; also our kernel launched per 4096-row
 # block (32 MiB of BF16 output, as the merge pipeline launches it). PREV_PTX=FILE times that
 # PTX's lora_merge_tile_bb too in the same call (e.g. from another commit:
-# `git show REV:crates/lora-kernels/ptx/merge.ptx > .bin/prev.ptx`). CHECK=1 first runs
+# `git show REV:crates/lora-kernels/ptx/merge.ptx > .bin/prev.ptx`; PREV_KERNELS="NAME:ROWS:COLS
+# ..." times those kernels of it instead, e.g. experiments built into that file). CHECK=1 first runs
 # the GPU tests that compare the CUDA merge with the CPU's bits (cli_merge, merge_fixtures,
 # quantized from .bin/tests: bash scripts/gpu-check.sh --build; kernel_on_host there runs every
 # merge kernel case on the GPU against the CPU's bits). SWEEP=1 times every tile kernel of
@@ -75,7 +76,12 @@ for shape in ${SHAPES:-14336,4096 4096,14336 4096,4096}; do
         done
       done
     fi
-    [ -n "${PREV_PTX:-}" ] && WEIGHTSMITH_MERGE_KERNEL=lora_merge_tile_bb WEIGHTSMITH_MERGE_PTX=$PREV_PTX timeout 30 .bin/kernel_rate $shape $rank
+    if [ -n "${PREV_PTX:-}" ]; then
+      for krc in ${PREV_KERNELS:-lora_merge_tile_bb:64:128}; do
+        IFS=: read -r k tr tc <<< "$krc"
+        WEIGHTSMITH_MERGE_KERNEL=$k WEIGHTSMITH_MERGE_TILE_ROWS=$tr WEIGHTSMITH_MERGE_TILE_COLS=$tc WEIGHTSMITH_MERGE_PTX=$PREV_PTX timeout 30 .bin/kernel_rate $shape $rank
+      done
+    fi
     timeout 60 python3 scripts/kernel_rate_peer.py $shape $rank
   done
 done
