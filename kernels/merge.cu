@@ -124,16 +124,18 @@ extern "C" __global__ void lora_merge(
 // issued before the first is used: loading each W just before its use left the warps waiting
 // on memory (1.54 / 1.25 / 0.80). Tried and slower or no faster, 14336 × 4096: W's tile
 // prefetched to L2 when the tile starts (2.01 / 1.32 / 0.87); W's tile loaded with the first
-// stage and kept in shared memory (1.32 / 1.03 / 0.69; with cp.async in a compute_80 build
-// 1.91 / 1.39 / 0.85); rounding BF16 pairs with one prmt (2.02 / 1.43 / 0.88); compute_80's
-// cvt.rn.bf16x2.f32 (2.16 / 1.53 / 0.95, 4-6 % for a second PTX: not taken); 8 rows × 8
-// columns a thread (1.11 / 0.97 / 0.71 before the two bodies, two blocks per SM at 128
-// registers), 8 × 4 (1.40 / 1.18 / 0.77), 4 × 4 (1.35 / 0.79 / 0.45), three blocks per SM
-// with more registers (1.67 / 1.30 / 0.81), persistent blocks that keep `right` in shared
-// memory for all their row tiles (at best 1.52 / 1.22 / 0.78), the conversions selected per
-// element at run time (1-3 % slower). Ranks above ~20 are bound by the fused multiply-adds
-// themselves: r per element, 33.5 T a second on an H200, so at r = 64 no exact f32 kernel
-// passes ~2.1 TB/s.
+// stage and kept in shared memory (1.32 / 1.03 / 0.69; with cp.async in a compute_80 build 1.91
+// / 1.39 / 0.85); W loaded into registers before the sums (1.76 / 1.34 / 0.83 at two blocks per
+// SM and 123 registers, 1.43 / 1.13 / 0.76 at three, 1.51 / 1.18 / 0.78 at four); streaming
+// cache hints on W and out (1.95 / 1.44 / 0.87); BF16 pairs rounded and packed with one prmt
+// (2.02 / 1.43 / 0.88); compute_80's cvt.rn.bf16x2.f32 (2.16 / 1.53 / 0.95: 4-6 % for a second
+// PTX, not taken); three blocks per SM with more registers (1.97 / 1.47 / 0.87); 8 rows × 4
+// columns a thread (1.83 / 1.35 / 0.83). Before the two bodies: 8 × 8 a thread (1.11 / 0.97 /
+// 0.71, two blocks per SM at 128 registers), 4 × 4 (1.35 / 0.79 / 0.45), persistent blocks that
+// keep `right` in shared memory for all their row tiles (at best 1.52 / 1.22 / 0.78), the
+// conversions selected per element at run time (1-3 % slower). Ranks above ~20 are bound by the
+// fused multiply-adds themselves: r per element, 33.5 T a second on an H200, so at r = 64 no
+// exact f32 kernel passes ~2.1 TB/s.
 // Launch: block (256), grid (ceil(cols / (64·H)), min(ceil(rows / (16·R)), 65535)); row tiles
 // are strided by gridDim.y.
 #define WS_KC 32

@@ -3,7 +3,7 @@
 # and an r=16 all-linear adapter; our CPU merge (warm and cold page cache) against PEFT's
 # workflow (load, merge_and_unload, save_pretrained) on CPU and on the GPU; the disk floor;
 # and a tensor-by-tensor and logits comparison of our output with PEFT's.
-# QUICK=1: only the warm runs (ours CPU, ours CUDA twice with WEIGHTSMITH_TRACE, PEFT on the
+# CUDA_FIRST=1: our CUDA merge before our CPU merge. QUICK=1: only the warm runs (ours CPU, ours CUDA twice with WEIGHTSMITH_TRACE, PEFT on the
 # GPU) and the disk floor; no cold runs, no PEFT on CPU; with COMPARE=1 the tensor and logits
 # comparison of our output with PEFT's GPU merge.
 # Needs .bin/weightsmith (a release build from the build machine), carried.
@@ -25,16 +25,19 @@ cold
 python3 scripts/measure.py disk-read-cold -- sh -c "cat $W/base/*.safetensors > /dev/null"
 python3 scripts/measure.py disk-write-16GB -- dd if=/dev/zero of="$W/ddw" bs=64M count=240 conv=fsync status=none
 rm -f "$W/ddw"
-# Ours, warm (base in the page cache) and cold.
-cat "$W"/base/*.safetensors > /dev/null
-python3 scripts/measure.py ours-cpu-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu
-cat "$W"/base/*.safetensors > /dev/null
-WEIGHTSMITH_TRACE=1 python3 scripts/measure.py ours-cuda-warm -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours-cuda" --device cuda:0
+# Ours, warm (base in the page cache) and cold. The VM's disk slows under sustained writes, so
+# the later of two merges is often the slower one: CUDA_FIRST=1 runs the CUDA merge first.
+ours_cpu() {
+  cat "$W"/base/*.safetensors > /dev/null
+  python3 scripts/measure.py "ours-cpu-warm$1" -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu --force
+}
+ours_cuda() {
+  cat "$W"/base/*.safetensors > /dev/null
+  WEIGHTSMITH_TRACE=1 python3 scripts/measure.py "ours-cuda-warm$1" -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours-cuda" --device cuda:0 --force
+}
+if [ "${CUDA_FIRST:-0}" = 1 ]; then ours_cuda ""; ours_cpu ""; else ours_cpu ""; ours_cuda ""; fi
 if [ "${QUICK:-0}" = 1 ]; then
-  cat "$W"/base/*.safetensors > /dev/null
-  python3 scripts/measure.py ours-cpu-warm-2 -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours" --device cpu --force
-  cat "$W"/base/*.safetensors > /dev/null
-  WEIGHTSMITH_TRACE=1 python3 scripts/measure.py ours-cuda-warm-2 -- .bin/weightsmith merge --base "$W/base" --adapter "$W/adapter" --out "$W/ours-cuda" --device cuda:0 --force
+  if [ "${CUDA_FIRST:-0}" = 1 ]; then ours_cuda -2; ours_cpu -2; else ours_cpu -2; ours_cuda -2; fi
 fi
 python3 -c "
 import hashlib, os, sys
