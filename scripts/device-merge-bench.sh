@@ -3,9 +3,10 @@
 # and an r=16 all-linear adapter; our CPU merge (warm and cold page cache) against PEFT's
 # workflow (load, merge_and_unload, save_pretrained) on CPU and on the GPU; the disk floor;
 # and a tensor-by-tensor and logits comparison of our output with PEFT's.
-# CUDA_FIRST=1: our CUDA merge before our CPU merge. QUICK=1: only the warm runs (ours CPU, ours CUDA twice with WEIGHTSMITH_TRACE, PEFT on the
-# GPU) and the disk floor; no cold runs, no PEFT on CPU; with COMPARE=1 the tensor and logits
-# comparison of our output with PEFT's GPU merge.
+# CUDA_FIRST=1: our CUDA merge before our CPU merge. QUICK=1: only the warm runs (ours CPU,
+# ours CUDA twice with WEIGHTSMITH_TRACE, PEFT on the GPU) and the disk floor; no cold runs, no
+# PEFT on CPU; with COMPARE=1 the tensor and logits comparison of our output with PEFT's GPU
+# merge.
 # Needs .bin/weightsmith (a release build from the build machine), carried.
 #   cargo build --release -p weightsmith && mkdir -p .bin && cp target/release/weightsmith .bin/
 #   device run (carry .bin):  bash scripts/device-merge-bench.sh

@@ -36,16 +36,15 @@ pub const TILE_MAX_COLS: usize = 1 << 24;
 /// The launch that merges a block of `rows` stored rows of `cols` columns of a `base` weight
 /// into `out`, whatever the rank: for a 16-bit base whose width is divisible by 4 (every
 /// projection and embedding of the models we merge) and below [`TILE_MAX_COLS`], the tile
-/// kernel built for that pair of dtypes; else `lora_merge` (an F32 base, odd widths). `None` for dtypes the merge does not
-/// read or write.
+/// kernel built for that pair of dtypes ([`tile_launch`]); else `lora_merge` (an F32 base, odd
+/// or wider widths). `None` for dtypes the merge does not read or write.
 pub fn merge_launch(base: Dtype, out: Dtype, rows: usize, cols: usize) -> Option<KernelLaunch> {
     if !out.is_half() || !matches!(base, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
         return None;
     }
-    Some(if base.is_half() && cols % 4 == 0 && cols < TILE_MAX_COLS {
-        tile_launch(base, out, rows, cols, 65535)?
-    } else {
-        scalar_launch(rows, cols)
+    Some(match tile_launch(base, out, rows, cols, 65535) {
+        Some(tile) if cols % 4 == 0 => tile,
+        _ => scalar_launch(rows, cols),
     })
 }
 
