@@ -233,19 +233,6 @@ impl Checkpoint {
         &self.files[tensor.file].bytes()[start..start + tensor.len as usize]
     }
 
-    /// Asks the kernel to start reading a tensor's bytes now (readahead), so a later pass over
-    /// them does not fault page by page. A hint: errors are ignored.
-    pub fn prefetch(&self, tensor: &TensorInfo) {
-        #[cfg(unix)]
-        {
-            let file = &self.files[tensor.file];
-            // Page-align the start as madvise requires.
-            let start = (tensor.offset as usize) & !4095;
-            let len = tensor.offset as usize + tensor.len as usize - start;
-            let _ = file.map.advise_range(memmap2::Advice::WillNeed, start, len);
-        }
-    }
-
     pub fn config(&self) -> Option<&ModelConfig> {
         self.config.as_ref()
     }

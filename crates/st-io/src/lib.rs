@@ -26,6 +26,7 @@ pub mod error;
 pub mod header;
 pub mod layout;
 pub mod quant;
+pub mod readahead;
 pub mod size;
 pub mod writer;
 
@@ -38,5 +39,6 @@ pub use error::{Error, Result};
 pub use header::{Header, HeaderTensor};
 pub use layout::{ModelLayout, PlacementUnit, UnitKind};
 pub use quant::{Exl2Group, GptqParams, QuantScheme, QuantizedLinear};
+pub use readahead::ReadAhead;
 pub use size::{format_binary, format_decimal, parse_size};
 pub use writer::{ShardWriter, TensorSpec, WriteSummary, WriterOptions};

@@ -137,6 +137,12 @@ pub struct WriterOptions {
     /// off only for scratch outputs: a crash may then leave a complete-looking folder whose
     /// files are not on disk yet.
     pub sync: bool,
+    /// With `sync`, at most this many bytes of a shard wait in the page cache for the disk
+    /// (default 256 MiB; Linux): write-back of each written piece starts at once and the
+    /// writer waits for pieces further behind, so the disk writes while the caller produces
+    /// the next bytes, instead of all at once when the shard is synced. `0` leaves write-back
+    /// to the operating system.
+    pub dirty_limit: u64,
 }
 
 impl Default for WriterOptions {
@@ -147,6 +153,7 @@ impl Default for WriterOptions {
             metadata: vec![("format".into(), "pt".into())],
             buffer_bytes: 16 << 20,
             sync: true,
+            dirty_limit: 256 << 20,
         }
     }
 }
@@ -170,8 +177,131 @@ struct Slot {
 
 enum ShardState {
     NotStarted,
-    Open(BufWriter<File>),
+    Open(OpenShard),
     Done,
+}
+
+/// An open shard file, and how far its bytes have gone towards the disk.
+struct OpenShard {
+    out: BufWriter<File>,
+    /// Bytes given to `out` (header and tensor data).
+    written: u64,
+    /// Bytes whose write-back has been started.
+    started: u64,
+    /// Bytes written back (waited for).
+    settled: u64,
+    /// See [`WriterOptions::dirty_limit`]; 0 when off.
+    dirty_limit: u64,
+    /// Time spent waiting for write-back.
+    waited: std::time::Duration,
+}
+
+impl OpenShard {
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(buf)?;
+        self.written += buf.len() as u64;
+        if self.dirty_limit > 0 {
+            self.push_to_disk()?;
+        }
+        Ok(())
+    }
+
+    /// Starts write-back of what reached the kernel, a step (an eighth of the dirty limit) at
+    /// a time, and waits for the pieces more than the dirty limit behind. A file system
+    /// without range write-back turns it off; any other failure is the write's error (the
+    /// kernel reports a write-back error once, so it must not be dropped here).
+    fn push_to_disk(&mut self) -> std::io::Result<()> {
+        let in_kernel = self.written - self.out.buffer().len() as u64;
+        let step = (self.dirty_limit / 8).max(1 << 20);
+        if in_kernel - self.started < step {
+            return Ok(());
+        }
+        let file = self.out.get_ref();
+        let outcome =
+            writeback::start(file, self.started, in_kernel - self.started).and_then(|()| {
+                self.started = in_kernel;
+                if self.started - self.settled > self.dirty_limit {
+                    let to = self.started - self.dirty_limit;
+                    writeback::wait(file, self.settled, to - self.settled)?;
+                    self.settled = to;
+                }
+                Ok(())
+            });
+        match outcome {
+            Err(e) if writeback::unsupported(&e) => {
+                self.dirty_limit = 0;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+/// Range write-back (`sync_file_range`, Linux); elsewhere nothing, and the shard's final sync
+/// writes everything.
+mod writeback {
+    use std::fs::File;
+
+    #[cfg(target_os = "linux")]
+    fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the life of `file`; sync_file_range reads no
+        // memory of ours.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                flags,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Starts writing the range's dirty pages; does not wait.
+    #[cfg(target_os = "linux")]
+    pub fn start(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+        sync_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    }
+
+    /// Writes the range's dirty pages and waits until they are on the disk.
+    #[cfg(target_os = "linux")]
+    pub fn wait(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+        sync_range(
+            file,
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn start(_: &File, _: u64, _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn wait(_: &File, _: u64, _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    /// The file system (or platform) has no range write-back.
+    pub fn unsupported(e: &std::io::Error) -> bool {
+        #[cfg(target_os = "linux")]
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::ESPIPE)
+        ) {
+            return true;
+        }
+        e.kind() == std::io::ErrorKind::Unsupported
+    }
 }
 
 /// The streaming sharded writer (see the module docs).
@@ -188,6 +318,8 @@ pub struct ShardWriter {
     next: usize,
     extra_files: Vec<(String, u64)>,
     finished: bool,
+    /// Time spent waiting for the disk: write-back waits and shard syncs.
+    disk_wait: std::time::Duration,
 }
 
 impl ShardWriter {
@@ -236,11 +368,18 @@ impl ShardWriter {
             next: 0,
             extra_files: Vec::new(),
             finished: false,
+            disk_wait: std::time::Duration::ZERO,
         })
     }
 
     pub fn plan(&self) -> &ShardPlan {
         &self.plan
+    }
+
+    /// Time spent so far waiting for the disk: write-back of closed shards (their syncs) and
+    /// of pieces past the dirty limit. The rest of the writing went at memory speed.
+    pub fn disk_wait(&self) -> std::time::Duration {
+        self.disk_wait
     }
 
     /// The tensor whose bytes must come next, if any.
@@ -325,7 +464,7 @@ impl ShardWriter {
     }
 
     /// Opens the shard on first use and writes its header.
-    fn shard_writer(&mut self, shard: usize) -> Result<&mut BufWriter<File>> {
+    fn shard_writer(&mut self, shard: usize) -> Result<&mut OpenShard> {
         if let ShardState::NotStarted = self.states[shard] {
             let planned = &self.plan.shards[shard];
             let path = self.tmp.join(&planned.file_name);
@@ -349,7 +488,18 @@ impl ShardWriter {
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
             // Reserve the whole file up front: fewer metadata updates, early ENOSPC.
             let _ = file.set_len(header.len() as u64 + planned.data_bytes);
-            let mut out = BufWriter::with_capacity(self.options.buffer_bytes, file);
+            let mut out = OpenShard {
+                out: BufWriter::with_capacity(self.options.buffer_bytes, file),
+                written: 0,
+                started: 0,
+                settled: 0,
+                dirty_limit: if self.options.sync {
+                    self.options.dirty_limit
+                } else {
+                    0
+                },
+                waited: std::time::Duration::ZERO,
+            };
             out.write_all(&header).map_err(|e| Error::io(&path, e))?;
             self.states[shard] = ShardState::Open(out);
         }
@@ -366,12 +516,16 @@ impl ShardWriter {
 
     fn close_shard(&mut self, shard: usize) -> Result<()> {
         let path = self.tmp.join(&self.plan.shards[shard].file_name);
-        if let ShardState::Open(out) = std::mem::replace(&mut self.states[shard], ShardState::Done)
+        if let ShardState::Open(open) = std::mem::replace(&mut self.states[shard], ShardState::Done)
         {
-            let file = out
+            let begun = std::time::Instant::now();
+            self.disk_wait += open.waited;
+            let file = open
+                .out
                 .into_inner()
                 .map_err(|e| Error::io(&path, e.into_error()))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
+            self.disk_wait += begun.elapsed();
         }
         Ok(())
     }
@@ -510,7 +664,7 @@ impl Drop for ShardWriter {
 
 /// Receives one tensor's bytes; see [`ShardWriter::write_tensor_with`].
 pub struct TensorSink<'a> {
-    out: &'a mut BufWriter<File>,
+    out: &'a mut OpenShard,
     expected: u64,
     written: u64,
     error: Option<std::io::Error>,
@@ -566,4 +720,57 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+
+    #[test]
+    fn starts_write_back_as_it_goes_and_waits_for_what_is_far_behind() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let specs = vec![
+            TensorSpec::new("a", Dtype::U8, vec![24 * MIB]),
+            TensorSpec::new("b", Dtype::U8, vec![MIB]),
+        ];
+        let options = WriterOptions {
+            buffer_bytes: MIB as usize,
+            dirty_limit: 8 * MIB,
+            ..WriterOptions::default()
+        };
+        let mut writer = ShardWriter::create(&dest, specs, options).unwrap();
+        let a: Vec<u8> = (0..24 * MIB).map(|i| (i % 251) as u8).collect();
+        writer
+            .write_tensor_with("a", |sink| {
+                a.chunks(MIB as usize / 3)
+                    .try_for_each(|piece| sink.write_all(piece))
+            })
+            .unwrap();
+        // The shard is still open (b is to come): check how far its bytes went.
+        let ShardState::Open(open) = &writer.states[0] else {
+            panic!("the shard should still be open");
+        };
+        let in_kernel = open.written - open.out.buffer().len() as u64;
+        assert!(open.written > 24 * MIB);
+        assert_eq!(open.dirty_limit, 8 * MIB, "write-back was turned off");
+        assert!(
+            open.started + MIB >= in_kernel,
+            "write-back lags: {open_started} of {in_kernel}",
+            open_started = open.started
+        );
+        assert!(open.settled + 8 * MIB >= open.started);
+        assert!(
+            open.settled >= 15 * MIB,
+            "nothing was waited for: {}",
+            open.settled
+        );
+        writer.write_tensor("b", &[7u8; MIB as usize]).unwrap();
+        writer.finish().unwrap();
+        let ckpt = Checkpoint::open(&dest).unwrap();
+        let t = ckpt.tensor("a").unwrap();
+        assert!(ckpt.tensor_bytes(t) == a.as_slice());
+    }
 }
