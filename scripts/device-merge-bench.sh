@@ -21,11 +21,18 @@ echo "cores $(nproc)"; free -g | head -2; df -h "$W" | tail -1
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 python3 scripts/make_synthetic.py "$W" --preset 8b --rank 16
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-# The disk floor: cold parallel read of the base, and a 16 GB write with fsync.
+# The disk floor: cold read of the base; a 16 GB write with fsync (buffered: the bytes wait in
+# the page cache until the fsync) and with O_DIRECT (the disk's write rate); the read and the
+# O_DIRECT write at once (the VM's disk shares one budget between them).
 cold
 python3 scripts/measure.py disk-read-cold -- sh -c "cat $W/base/*.safetensors > /dev/null"
 python3 scripts/measure.py disk-write-16GB -- dd if=/dev/zero of="$W/ddw" bs=64M count=240 conv=fsync status=none
-rm -f "$W/ddw"
+rm -f "$W/ddw"; sync
+python3 scripts/measure.py disk-write-16GB-direct -- dd if=/dev/zero of="$W/ddw" bs=64M count=240 oflag=direct status=none
+rm -f "$W/ddw"; sync
+cold
+python3 scripts/measure.py disk-read+write -- sh -c "cat $W/base/*.safetensors > /dev/null & dd if=/dev/zero of=$W/ddw bs=64M count=240 oflag=direct status=none; wait"
+rm -f "$W/ddw"; sync
 # Ours, warm (base in the page cache) and cold. The VM's disk slows under sustained writes, so
 # the later of two merges is often the slower one: CUDA_FIRST=1 runs the CUDA merge first.
 ours_cpu() {
