@@ -177,6 +177,12 @@ pub enum Error {
     },
     #[error("{}: already exists; choose another destination or allow replacing it", path.display())]
     DestinationExists { path: PathBuf },
+    #[error("{}: not enough free space: the checkpoint needs {}, the file system has {} free", path.display(), crate::size::format_decimal(*needed), crate::size::format_decimal(*available))]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("writer: {message}")]
     WriterMisuse { message: String },
     #[error("writer: tensor \"{tensor}\" was given {found} bytes but shape {shape:?} of {dtype} needs {expected}")]

@@ -222,7 +222,9 @@ impl OpenShard {
                 self.started = in_kernel;
                 if self.started - self.settled > self.dirty_limit {
                     let to = self.started - self.dirty_limit;
+                    let begun = std::time::Instant::now();
                     writeback::wait(file, self.settled, to - self.settled)?;
+                    self.waited += begun.elapsed();
                     self.settled = to;
                 }
                 Ok(())
@@ -345,6 +347,20 @@ impl ShardWriter {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // Refuse now, not after minutes of writing, when the shards cannot fit. The folder it
+        // replaces is removed only after the new one is complete, so it frees nothing.
+        if let Some(available) = free_bytes(&tmp) {
+            if available < plan.total_bytes {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(Error::NoSpace {
+                    path: dest
+                        .parent()
+                        .map_or_else(|| dest.clone(), Path::to_path_buf),
+                    needed: plan.total_bytes,
+                    available,
+                });
+            }
+        }
         let mut slots = vec![Slot { shard: 0, bytes: 0 }; specs.len()];
         for (s, shard) in plan.shards.iter().enumerate() {
             for &t in &shard.tensors {
@@ -486,7 +502,8 @@ impl ShardWriter {
                 .collect();
             let header = encode_header(&self.options.metadata, &entries);
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            // Reserve the whole file up front: fewer metadata updates, early ENOSPC.
+            // The whole size up front: fewer metadata updates (a sparse file, not a reservation:
+            // the free-space check in `create` is what refuses early).
             let _ = file.set_len(header.len() as u64 + planned.data_bytes);
             let mut out = OpenShard {
                 out: BufWriter::with_capacity(self.options.buffer_bytes, file),
@@ -714,6 +731,29 @@ fn temporary_sibling(dest: &Path, what: &str) -> Result<PathBuf> {
         })?;
     let sibling = format!(".{name}.weightsmith-{what}-{}", std::process::id());
     Ok(dest.with_file_name(sibling))
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `dir` (None where
+/// unknown).
+#[cfg(unix)]
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stat` a buffer of the right type, which
+    // statvfs fills when it returns 0.
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    (stat.f_bavail as u64).checked_mul(stat.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_: &Path) -> Option<u64> {
+    None
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -180,6 +180,40 @@ fn an_unfinished_or_failed_write_leaves_nothing_that_looks_done() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+#[cfg(unix)]
+#[test]
+fn refuses_at_once_a_checkpoint_larger_than_the_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out");
+    // An exabyte: more than any test machine's disk.
+    let exabyte = 1_000_000_000_000_000_000u64;
+    let specs = vec![TensorSpec::new("huge", Dtype::U8, vec![exabyte])];
+    let Err(e) = ShardWriter::create(&dest, specs, options(DEFAULT_MAX_SHARD_BYTES)) else {
+        panic!("an exabyte checkpoint was accepted");
+    };
+    let Error::NoSpace {
+        path,
+        needed,
+        available,
+    } = &e
+    else {
+        panic!("expected NoSpace, got {e}");
+    };
+    assert_eq!(path, dir.path());
+    assert_eq!(*needed, exabyte);
+    assert!(*available < exabyte);
+    let message = e.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "{}: not enough free space: the checkpoint needs 1000.00 PB, the file system has ",
+            dir.path().display()
+        )),
+        "{message}"
+    );
+    // Nothing is left behind: no destination, no temporary folder.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 #[test]
 fn rejects_misuse_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
