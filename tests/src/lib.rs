@@ -70,19 +70,17 @@ pub fn weightsmith_bin() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
     let bin = profile_dir.join("weightsmith");
-    // Built (or found fresh) once per test process, so a stale binary is never tested.
+    // Built (or found fresh) once per test process, so a stale binary is never tested. The
+    // whole workspace's binaries, not `-p weightsmith`: the workspace resolves the same
+    // dependency features as `cargo test --workspace` (the root Cargo.toml turns on what only
+    // dev-dependencies would), so the build reuses the test build's dependencies instead of
+    // compiling the tree again with other features.
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo_root()).args([
-            "build",
-            "--quiet",
-            "-p",
-            "weightsmith",
-            "--bin",
-            "weightsmith",
-        ]);
+        cmd.current_dir(repo_root())
+            .args(["build", "--quiet", "--workspace", "--bins"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
