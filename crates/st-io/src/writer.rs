@@ -192,7 +192,7 @@ struct OpenShard {
     settled: u64,
     /// See [`WriterOptions::dirty_limit`]; 0 when off.
     dirty_limit: u64,
-    /// Time spent waiting for write-back.
+    /// Time spent in write-back calls (starting and waiting).
     waited: std::time::Duration,
 }
 
@@ -217,18 +217,20 @@ impl OpenShard {
             return Ok(());
         }
         let file = self.out.get_ref();
+        // Starting write-back blocks too when the disk's queue is full: both calls count as
+        // waiting for the disk.
+        let begun = std::time::Instant::now();
         let outcome =
             writeback::start(file, self.started, in_kernel - self.started).and_then(|()| {
                 self.started = in_kernel;
                 if self.started - self.settled > self.dirty_limit {
                     let to = self.started - self.dirty_limit;
-                    let begun = std::time::Instant::now();
                     writeback::wait(file, self.settled, to - self.settled)?;
-                    self.waited += begun.elapsed();
                     self.settled = to;
                 }
                 Ok(())
             });
+        self.waited += begun.elapsed();
         match outcome {
             Err(e) if writeback::unsupported(&e) => {
                 self.dirty_limit = 0;
