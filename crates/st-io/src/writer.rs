@@ -322,7 +322,7 @@ pub struct ShardWriter {
     next: usize,
     extra_files: Vec<(String, u64)>,
     finished: bool,
-    /// Time spent waiting for the disk: write-back waits and shard syncs.
+    /// Time spent waiting for the disk: write-back calls and syncs of closed shards.
     disk_wait: std::time::Duration,
 }
 
@@ -394,8 +394,9 @@ impl ShardWriter {
         &self.plan
     }
 
-    /// Time spent so far waiting for the disk: write-back of closed shards (their syncs) and
-    /// of pieces past the dirty limit. The rest of the writing went at memory speed.
+    /// Time spent so far waiting for the disk, in the shards closed so far: their write-back
+    /// calls (see [`WriterOptions::dirty_limit`]) and their final syncs. The rest of the
+    /// writing went at memory speed.
     pub fn disk_wait(&self) -> std::time::Duration {
         self.disk_wait
     }
