@@ -751,6 +751,11 @@ fn free_bytes(dir: &Path) -> Option<u64> {
         }
         stat.assume_init()
     };
+    // A file system that reports no size at all (some FUSE mounts) says nothing about its
+    // free space either.
+    if stat.f_blocks == 0 {
+        return None;
+    }
     (stat.f_bavail as u64).checked_mul(stat.f_frsize as u64)
 }
 
