@@ -119,37 +119,14 @@ fn read(shared: &Shared, paths: &[PathBuf], ranges: &[Option<Range>], ahead: u64
         let mut done = 0u64;
         while done < len {
             let piece = (len - done).min(CHUNK as u64);
-            // Wait until this piece is within `ahead` of the caller's item.
-            {
-                let Ok(mut state) = shared.state.lock() else {
-                    return;
-                };
-                loop {
-                    if state.stop {
-                        return;
-                    }
-                    if state.reached > item {
-                        break;
-                    }
-                    let lead = starts[item] + done + piece - starts[state.reached];
-                    if state.reached == item || lead <= ahead {
-                        break;
-                    }
-                    state = match shared.wake.wait(state) {
-                        Ok(s) => s,
-                        Err(_) => return,
-                    };
-                }
+            match turn(shared, &starts, item, done + piece, ahead) {
+                Turn::Read => {}
                 // The caller is past this item: no use reading the rest of it.
-                if state.reached > item {
-                    break;
-                }
+                Turn::Skip => break,
+                Turn::Stop => return,
             }
             if files[file].is_none() {
-                match std::fs::File::open(&paths[file]) {
-                    Ok(f) => files[file] = Some(f),
-                    Err(_) => return,
-                }
+                files[file] = std::fs::File::open(&paths[file]).ok();
             }
             let Some(f) = files[file].as_ref() else {
                 return;
@@ -162,6 +139,38 @@ fn read(shared: &Shared, paths: &[PathBuf], ranges: &[Option<Range>], ahead: u64
                 }
             }
         }
+    }
+}
+
+/// What the reader does next with an item.
+#[cfg(unix)]
+enum Turn {
+    Read,
+    Skip,
+    Stop,
+}
+
+/// Waits until the item's bytes up to `upto` are within `ahead` of the start of the caller's
+/// item (the caller's own item is always read), or the caller is past the item, or stopped.
+#[cfg(unix)]
+fn turn(shared: &Shared, starts: &[u64], item: usize, upto: u64, ahead: u64) -> Turn {
+    let Ok(mut state) = shared.state.lock() else {
+        return Turn::Stop;
+    };
+    loop {
+        if state.stop {
+            return Turn::Stop;
+        }
+        if state.reached > item {
+            return Turn::Skip;
+        }
+        if state.reached == item || starts[item] + upto - starts[state.reached] <= ahead {
+            return Turn::Read;
+        }
+        state = match shared.wake.wait(state) {
+            Ok(s) => s,
+            Err(_) => return Turn::Stop,
+        };
     }
 }
 

@@ -355,9 +355,7 @@ impl ShardWriter {
             if available < plan.total_bytes {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(Error::NoSpace {
-                    path: dest
-                        .parent()
-                        .map_or_else(|| dest.clone(), Path::to_path_buf),
+                    path: parent_dir(&dest).to_path_buf(),
                     needed: plan.total_bytes,
                     available,
                 });
@@ -641,12 +639,8 @@ impl ShardWriter {
             std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         }
         self.finished = true;
-        if let Some(parent) = self.dest.parent().filter(|_| self.options.sync) {
-            sync_dir(if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            })?;
+        if self.options.sync {
+            sync_dir(parent_dir(&self.dest))?;
         }
         Ok(WriteSummary {
             dest: self.dest.clone(),
@@ -762,6 +756,14 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 #[cfg(not(unix))]
 fn free_bytes(_: &Path) -> Option<u64> {
     None
+}
+
+/// The folder that holds `dest` (`.` for a bare name).
+fn parent_dir(dest: &Path) -> &Path {
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
