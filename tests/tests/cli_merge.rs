@@ -412,3 +412,52 @@ fn ctrl_c_stops_the_merge_and_leaves_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn an_adapter_that_overflows_fails_naming_the_tensor_and_leaves_nothing() {
+    // The tiny Llama's adapter with one module of the second layer broken: its B all 3e38, so
+    // W + B·A overflows f32. The merge has written the first layer when it finds out.
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = copy_fixture("adapters/llama-lora/adapter", tmp.path());
+    let file = adapter.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let broken = &header["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"];
+    assert_eq!(broken["dtype"], "F32");
+    let (start, end) = (
+        broken["data_offsets"][0].as_u64().unwrap() as usize + 8 + header_len,
+        broken["data_offsets"][1].as_u64().unwrap() as usize + 8 + header_len,
+    );
+    for v in bytes[start..end].chunks_exact_mut(4) {
+        v.copy_from_slice(&3e38f32.to_le_bytes());
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let out = tmp.path().join("merged");
+    for device in ["cpu", "auto"] {
+        let (code, _, err) = run(&[
+            "merge",
+            "--device",
+            device,
+            "--base",
+            &s(&fixture("models/tiny-llama")),
+            "--adapter",
+            &s(&adapter),
+            "--out",
+            &s(&out),
+        ]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("merging \"model.layers.1.mlp.up_proj.weight\": ")
+                && err.contains("non-finite value"),
+            "{err}"
+        );
+        assert!(!out.exists(), "an output folder was left: {err}");
+        let left: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "adapter")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}

@@ -273,13 +273,17 @@ impl MergeStats {
 }
 
 /// The report sums of a merged block, from its base rows and its 16-bit output (the GPU path
-/// computes the merge on the device and these on the host).
+/// computes the merge on the device and these on the host). With `product` (a LoRA product
+/// was added), a non-finite output row from a finite base row is the error
+/// [`merge_rows`] gives for it; `first_row` is the block's first stored row.
 pub fn stats_of(
     base: &[u8],
     base_dtype: Dtype,
     out: &[u8],
     out_dtype: Dtype,
     cols: usize,
+    first_row: usize,
+    product: bool,
 ) -> Result<MergeStats> {
     let size = dtype_size(base_dtype)?;
     if cols == 0 {
@@ -287,10 +291,17 @@ pub fn stats_of(
     }
     base.par_chunks(cols * size)
         .zip(out.par_chunks(cols * 2))
+        .enumerate()
         .map_init(
             || (vec![0f32; cols], vec![0f32; cols]),
-            |(w, m), (b, o)| -> Result<MergeStats> {
+            |(w, m), (i, (b, o))| -> Result<MergeStats> {
                 decode_f32(base_dtype, b, w)?;
+                if product
+                    && crate::has_non_finite_half(out_dtype, o)
+                    && w.iter().all(|v| v.is_finite())
+                {
+                    return Err(Error::NonFinite { row: first_row + i });
+                }
                 decode_f32(out_dtype, o, m)?;
                 let mut s = MergeStats::default();
                 for (x, y) in w.iter().zip(m.iter()) {
@@ -427,16 +438,13 @@ impl RowJob<'_> {
             }
         }
         if self.product.is_some() {
-            // Per-row sums in f32 lanes (vectorised), accumulated in f64 per row; non-finite
-            // results counted in the same pass (exponent all ones).
+            // Per-row sums in f32 lanes (vectorised), accumulated in f64 per row.
             let (mut dsq, mut bsq) = ([0f32; 8], [0f32; 8]);
-            let mut nonfinite = [0u32; 8];
             let mut lanes = |ac: &[f32], oc: &[f32]| {
                 for k in 0..ac.len() {
                     let d = ac[k] - oc[k];
                     dsq[k] += d * d;
                     bsq[k] += oc[k] * oc[k];
-                    nonfinite[k] |= ((ac[k].to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
                 }
             };
             let (a8, o8) = (acc.chunks_exact(8), orig.chunks_exact(8));
@@ -447,11 +455,15 @@ impl RowJob<'_> {
             lanes(a_rest, o_rest);
             stats.delta_sq += dsq.iter().map(|&v| v as f64).sum::<f64>();
             stats.base_sq += bsq.iter().map(|&v| v as f64).sum::<f64>();
-            if nonfinite.iter().any(|&n| n != 0) && orig.iter().all(|v| v.is_finite()) {
-                return Err(Error::NonFinite { row });
-            }
         }
         encode_half(self.out_dtype, acc, dst)?;
+        // The GPU path makes the same check on the same bytes (`stats_of`).
+        if self.product.is_some()
+            && crate::has_non_finite_half(self.out_dtype, dst)
+            && orig.iter().all(|v| v.is_finite())
+        {
+            return Err(Error::NonFinite { row });
+        }
         Ok(stats)
     }
 }
@@ -505,6 +517,99 @@ mod tests {
         assert_eq!(merged(false), [0.5, 1.0, 1.5, 1.0, 2.0, 3.0]);
         // Transposed storage gives the transpose.
         assert_eq!(merged(true), [0.5, 1.0, 1.0, 2.0, 1.5, 3.0]);
+    }
+
+    #[test]
+    fn an_overflowing_row_is_an_error_on_both_paths() {
+        // W = 1 (3×2); B·A is 0 in rows 0 and 2 and 2^127·2^2 (past f32 and bf16) in row 1
+        // (or, for F16 output, 70000: finite in f32, infinite once rounded to F16).
+        let base = bf16_bytes(&[1.0; 6]);
+        for (b1, out_dtype) in [(2f32.powi(127), Dtype::BF16), (70000.0, Dtype::F16)] {
+            let a = [1.0, 1.0];
+            let b = [0.0, b1, 0.0];
+            let term = LoraTerm {
+                a: &a,
+                b: &b,
+                rank: 1,
+                scale: 4.0,
+            };
+            let p = LoraProduct::new(3, 2, false, &[term]).unwrap();
+            let mut out = vec![0u8; 12];
+            let err = merge_rows(
+                &base,
+                Dtype::BF16,
+                2,
+                Some(&p),
+                None,
+                0,
+                out_dtype,
+                &mut out,
+            )
+            .unwrap_err();
+            assert!(matches!(err, Error::NonFinite { row: 1 }), "{err}");
+            // Rows 1.. as one block: the error names the stored row.
+            let mut tail = vec![0u8; 8];
+            let err = merge_rows(
+                &base,
+                Dtype::BF16,
+                2,
+                Some(&p),
+                None,
+                1,
+                out_dtype,
+                &mut tail,
+            )
+            .unwrap_err();
+            assert!(matches!(err, Error::NonFinite { row: 1 }), "{err}");
+            // The GPU path's check, on the bytes the kernel writes (the same as the CPU's).
+            let inf: u16 = if out_dtype == Dtype::F16 {
+                0x7c00
+            } else {
+                0x7f80
+            };
+            let one: u16 = if out_dtype == Dtype::F16 {
+                0x3c00
+            } else {
+                0x3f80
+            };
+            let gpu_out: Vec<u8> = [one, one, inf, one]
+                .iter()
+                .flat_map(|h| h.to_le_bytes())
+                .collect();
+            let err =
+                stats_of(&base[4..], Dtype::BF16, &gpu_out, out_dtype, 2, 1, true).unwrap_err();
+            assert!(matches!(err, Error::NonFinite { row: 2 }), "{err}");
+            // Without a product (a plain conversion) it is not the adapter's doing.
+            assert!(stats_of(&base[4..], Dtype::BF16, &gpu_out, out_dtype, 2, 1, false).is_ok());
+        }
+        // A base row that already holds an infinity passes it through.
+        let base = bf16_bytes(&[f32::INFINITY, 1.0]);
+        let (a, b) = ([1.0, 1.0], [1.0]);
+        let p = LoraProduct::new(
+            1,
+            2,
+            false,
+            &[LoraTerm {
+                a: &a,
+                b: &b,
+                rank: 1,
+                scale: 1.0,
+            }],
+        )
+        .unwrap();
+        let mut out = vec![0u8; 4];
+        merge_rows(
+            &base,
+            Dtype::BF16,
+            2,
+            Some(&p),
+            None,
+            0,
+            Dtype::BF16,
+            &mut out,
+        )
+        .unwrap();
+        assert!(crate::has_non_finite_half(Dtype::BF16, &out));
     }
 
     #[test]

@@ -424,7 +424,15 @@ impl GpuMerger {
         self.stream.synchronize().map_err(gpu)?;
         let t_d2h = lap(false)?;
         parallel_copy(out, staged_out);
-        let stats = stats_of(staged_in, base_dtype, staged_out, out_dtype, cols);
+        let stats = stats_of(
+            staged_in,
+            base_dtype,
+            staged_out,
+            out_dtype,
+            cols,
+            first_row,
+            t.left.is_some(),
+        );
         let t_stage_out = lap(false)?;
         if let Some(t) = &self.trace {
             if let Ok(mut t) = t.lock() {

@@ -96,6 +96,17 @@ pub fn encode_half(dtype: Dtype, values: &[f32], out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether 16-bit output bytes (F16 or BF16, little-endian) hold an infinity or a NaN. The
+/// merge's check on both devices: a merged row with one, from a base row with none, is an
+/// adapter (or a scale) that overflowed.
+#[inline]
+pub fn has_non_finite_half(dtype: Dtype, bytes: &[u8]) -> bool {
+    let exponent: u16 = if dtype == Dtype::F16 { 0x7c00 } else { 0x7f80 };
+    bytes.chunks_exact(2).fold(false, |seen, b| {
+        seen | (u16::from_le_bytes([b[0], b[1]]) & exponent == exponent)
+    })
+}
+
 /// Distance in units in the last place between two 16-bit floats of the same format
 /// (NaN vs NaN is 0; across signs it counts through zero).
 pub fn ulp_distance(a: u16, b: u16) -> u32 {

@@ -43,6 +43,14 @@ pub enum Error {
         device: String,
         message: String,
     },
+    /// The arithmetic of one tensor's merge failed (a non-finite result, a GPU error); nothing
+    /// was left behind.
+    #[error("merging \"{tensor}\": {source}")]
+    Merge {
+        tensor: String,
+        #[source]
+        source: lora_kernels::Error,
+    },
     /// The caller cancelled (Ctrl-C in the CLI) before the output was complete; nothing was
     /// left behind.
     #[error("interrupted: {0}")]

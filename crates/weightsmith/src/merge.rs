@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lora_kernels::cpu::merge_rows;
 use lora_kernels::dequant::GptqLayer;
@@ -27,6 +28,20 @@ pub const MERGE_SCHEMA_VERSION: u32 = 1;
 
 /// How far the base is read ahead of the merge, at least (page cache, not process memory).
 const READ_AHEAD: u64 = 1 << 30;
+
+/// Merged blocks in flight between the merging and the writing thread (about 32 MiB each).
+const BLOCKS: usize = 4;
+
+/// What the merging thread hands the writing thread, in the jobs' order: each tensor's bytes
+/// in one or more pieces, then its end.
+enum Piece<'a> {
+    /// `len` bytes of a pooled buffer, which goes back to the pool once written.
+    Block(Vec<u8>, usize),
+    /// Bytes written as they are: a source copied unchanged, or a tensor made whole.
+    Whole(std::borrow::Cow<'a, [u8]>),
+    /// The tensor is complete; what its merge changed.
+    End(MergeStats),
+}
 
 /// Where the arithmetic runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,28 +287,110 @@ pub fn merge(
         jobs.iter().map(|j| j.base_tensor),
         READ_AHEAD.max(2 * largest),
     );
-    for (i, job) in jobs.iter().enumerate() {
-        if cancelled() {
-            return Err(interrupted());
-        }
-        read_ahead.reached(i);
-        progress(MergeProgress {
-            tensor: &job.spec.name,
-            tensors_done: i,
-            tensors_total: total,
-            bytes_done,
-            bytes_total,
-        });
-        let stats = write_job(&mut writer, job, out_dtype, gpu.as_ref(), &cancelled)
-            .map_err(|e| if cancelled() { interrupted() } else { e })?;
-        if job.lora.is_some() || !job.bias_terms.is_empty() {
-            modules.push(ModuleReport {
-                tensor: job.spec.name.clone(),
-                relative_delta: stats.relative_delta(),
-            });
-        }
-        bytes_done += job.spec.bytes().unwrap_or(0);
+    // Two threads for the whole model: a producer merges (on the rayon pool or the GPU) while
+    // this thread writes what it merged, across tensor boundaries, so the disk never waits for
+    // a tensor's first block to be merged nor the merge for a tensor's last to be written.
+    // Blocks circulate through a pool of BLOCKS buffers.
+    let (piece_tx, piece_rx) = std::sync::mpsc::sync_channel::<Piece>(BLOCKS + 4);
+    let (pool_tx, pool_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BLOCKS);
+    for _ in 0..BLOCKS {
+        let _ = pool_tx.send(Vec::new());
     }
+    // For WEIGHTSMITH_TRACE: this thread's time waiting for merged bytes, and writing them.
+    let (mut waited_for_merge, mut writing) = (Duration::ZERO, Duration::ZERO);
+    let outcome = std::thread::scope(|scope| -> Result<()> {
+        let producer = {
+            let (jobs, gpu, read_ahead, cancelled) = (&jobs, gpu.as_ref(), &read_ahead, &cancelled);
+            scope.spawn(move || -> Result<()> {
+                for (i, job) in jobs.iter().enumerate() {
+                    read_ahead.reached(i);
+                    let produced = produce_job(job, out_dtype, gpu, cancelled, &pool_rx, &piece_tx)
+                        .map_err(|e| match e {
+                            Error::Kernel(source) => Error::Merge {
+                                tensor: job.spec.name.clone(),
+                                source,
+                            },
+                            other => other,
+                        })?;
+                    match produced {
+                        Some(stats) if piece_tx.send(Piece::End(stats)).is_ok() => {}
+                        // The writer hung up (a write failed): it reports the error.
+                        _ => break,
+                    }
+                }
+                Ok(())
+            })
+        };
+        let pool_tx = pool_tx;
+        let written = (|| -> Result<()> {
+            for (i, job) in jobs.iter().enumerate() {
+                if cancelled() {
+                    return Err(interrupted());
+                }
+                progress(MergeProgress {
+                    tensor: &job.spec.name,
+                    tensors_done: i,
+                    tensors_total: total,
+                    bytes_done,
+                    bytes_total,
+                });
+                let mut stats = None;
+                writer.write_tensor_with(&job.spec.name, |sink| -> std::io::Result<()> {
+                    use std::io::Write;
+                    loop {
+                        let asked = Instant::now();
+                        // Ends early when the producer failed (or stopped) and hung up.
+                        let Ok(piece) = piece_rx.recv() else {
+                            return Err(std::io::Error::other("the merge stopped"));
+                        };
+                        waited_for_merge += asked.elapsed();
+                        if cancelled() {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::Interrupted,
+                                "the merge was cancelled",
+                            ));
+                        }
+                        match piece {
+                            Piece::Block(buffer, len) => {
+                                let begun = Instant::now();
+                                sink.write_all(&buffer[..len])?;
+                                writing += begun.elapsed();
+                                let _ = pool_tx.send(buffer);
+                            }
+                            Piece::Whole(bytes) => {
+                                let begun = Instant::now();
+                                sink.write_all(&bytes)?;
+                                writing += begun.elapsed();
+                            }
+                            Piece::End(s) => {
+                                stats = Some(s);
+                                return Ok(());
+                            }
+                        }
+                    }
+                })?;
+                let stats = stats.unwrap_or_default();
+                if job.lora.is_some() || !job.bias_terms.is_empty() {
+                    modules.push(ModuleReport {
+                        tensor: job.spec.name.clone(),
+                        relative_delta: stats.relative_delta(),
+                    });
+                }
+                bytes_done += job.spec.bytes().unwrap_or(0);
+            }
+            Ok(())
+        })();
+        // Hanging up stops a producer that is still going (after an error here).
+        drop(piece_rx);
+        drop(pool_tx);
+        let produced = producer
+            .join()
+            .map_err(|_| Error::Usage("the merge's producer thread panicked".into()))?;
+        // A merge error explains a short write better than the write error it caused.
+        produced?;
+        written
+    });
+    outcome.map_err(|e| if cancelled() { interrupted() } else { e })?;
     let bytes_read_ahead = read_ahead.bytes_read();
     drop(read_ahead);
     progress(MergeProgress {
@@ -344,8 +441,10 @@ pub fn merge(
     let summary = writer.finish()?;
     if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
         eprintln!(
-            "merge trace: {:.2} GB read ahead; {:.2} s waiting for the disk's writes, of {:.2} s",
+            "merge trace: {:.2} GB read ahead; the writing thread: {:.2} s waiting for merged bytes, {:.2} s writing them, {:.2} s of it waiting for the disk's writes; of {:.2} s",
             bytes_read_ahead as f64 / 1e9,
+            waited_for_merge.as_secs_f64(),
+            writing.as_secs_f64(),
             disk_wait.as_secs_f64(),
             started.elapsed().as_secs_f64()
         );
@@ -626,13 +725,17 @@ fn block_rows(cols: usize) -> usize {
     ((32usize << 20) / (cols.max(1) * 2)).max(1)
 }
 
-fn write_job(
-    writer: &mut ShardWriter,
-    job: &Job,
+/// Merges one job's tensor on the merging thread and sends its bytes to the writing thread
+/// (the caller sends its end). `Ok(None)`: the writing thread hung up, or the merge was
+/// cancelled; the writing thread reports why.
+fn produce_job<'a>(
+    job: &Job<'a>,
     out_dtype: Dtype,
     gpu: Option<&GpuMerger>,
     cancelled: &(dyn Fn() -> bool + Sync),
-) -> Result<MergeStats> {
+    pool: &Receiver<Vec<u8>>,
+    pieces: &SyncSender<Piece<'a>>,
+) -> Result<Option<MergeStats>> {
     let name = job.spec.name.as_str();
     let target = job.spec.dtype;
     // A GPTQ layer is dequantised first (on the merge's device; both give the same bits).
@@ -649,8 +752,14 @@ fn write_job(
     };
     // Not a float we convert: copied as it is.
     if !can_convert(source_dtype, target) {
-        writer.write_tensor(name, source)?;
-        return Ok(MergeStats::default());
+        let bytes = match job.dequant {
+            Some(_) => std::borrow::Cow::Owned(source.to_vec()),
+            None => std::borrow::Cow::Borrowed(job.source),
+        };
+        return Ok(pieces
+            .send(Piece::Whole(bytes))
+            .ok()
+            .map(|()| MergeStats::default()));
     }
     if !job.bias_terms.is_empty() {
         let mut values = to_f32_vec(source_dtype, source)?;
@@ -677,8 +786,10 @@ fn write_job(
         };
         let mut out = vec![0u8; values.len() * 2];
         encode_half(target, &values, &mut out)?;
-        writer.write_tensor(name, &out)?;
-        return Ok(stats);
+        return Ok(pieces
+            .send(Piece::Whole(std::borrow::Cow::Owned(out)))
+            .ok()
+            .map(|()| stats));
     }
     let (rows, cols) = match job.spec.shape.as_slice() {
         [] => (1, 1),
@@ -717,65 +828,42 @@ fn write_job(
         (Some(g), Some(p)) => Some((g, g.prepare(Some(p), dora.as_ref())?)),
         _ => None,
     };
-    let on_gpu = on_gpu.as_ref();
     let step = block_rows(cols);
-    let block_bytes = step.min(rows) * cols * 2;
     let kind = out_dtype_for(target, out_dtype);
-    // Two threads: this one writes block k while a helper merges block k+1 (on the rayon
-    // pool), so the disk and the cores work at the same time. Three buffers circulate.
-    let (filled_tx, filled_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
-    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
-    for _ in 0..3 {
-        let _ = empty_tx.send(vec![0u8; block_bytes]);
+    let mut stats = MergeStats::default();
+    let mut row = 0;
+    while row < rows {
+        let n = step.min(rows - row);
+        let Ok(mut buffer) = pool.recv() else {
+            return Ok(None);
+        };
+        if cancelled() {
+            return Ok(None);
+        }
+        let len = n * cols * 2;
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        let out = &mut buffer[..len];
+        stats.add(match &on_gpu {
+            Some((g, t)) => g.merge_rows(t, source, source_dtype, cols, row, kind, out)?,
+            None => merge_rows(
+                source,
+                source_dtype,
+                cols,
+                product.as_ref(),
+                dora.as_ref(),
+                row,
+                kind,
+                out,
+            )?,
+        });
+        if pieces.send(Piece::Block(buffer, len)).is_err() {
+            return Ok(None);
+        }
+        row += n;
     }
-    std::thread::scope(|scope| -> Result<MergeStats> {
-        let product = product.as_ref();
-        let dora = dora.as_ref();
-        let merger = scope.spawn(move || -> lora_kernels::Result<MergeStats> {
-            let mut stats = MergeStats::default();
-            let mut row = 0;
-            while row < rows {
-                let n = step.min(rows - row);
-                // The writer hung up (a write failed): stop quietly, it reports the error.
-                let Ok(mut buffer) = empty_rx.recv() else {
-                    break;
-                };
-                let out = &mut buffer[..n * cols * 2];
-                stats.add(match on_gpu {
-                    Some((g, t)) => g.merge_rows(t, source, source_dtype, cols, row, kind, out)?,
-                    None => merge_rows(source, source_dtype, cols, product, dora, row, kind, out)?,
-                });
-                if filled_tx.send((buffer, n * cols * 2)).is_err() {
-                    break;
-                }
-                row += n;
-            }
-            Ok(stats)
-        });
-        let written = writer.write_tensor_with(name, |sink| -> std::io::Result<()> {
-            use std::io::Write;
-            // Ends when the merger is done (or failed) and drops its sender.
-            while let Ok((buffer, len)) = filled_rx.recv() {
-                if cancelled() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::Interrupted,
-                        "the merge was cancelled",
-                    ));
-                }
-                sink.write_all(&buffer[..len])?;
-                let _ = empty_tx.send(buffer);
-            }
-            Ok(())
-        });
-        drop(filled_rx);
-        let merged = merger
-            .join()
-            .map_err(|_| Error::Usage(format!("the merge of \"{name}\" panicked")))?;
-        // A merge error explains a short write better than the write error it caused.
-        let stats = merged?;
-        written?;
-        Ok(stats)
-    })
+    Ok(Some(stats))
 }
 
 fn out_dtype_for(target: Dtype, out_dtype: Dtype) -> Dtype {
