@@ -36,10 +36,6 @@ struct State {
     /// The item of the order the caller works on.
     reached: usize,
     stop: bool,
-    /// How far the reader is: its item and the bytes of it read (or passed).
-    at: (usize, u64),
-    /// The reader has ended (everything read, stopped, or a read failed).
-    finished: bool,
 }
 
 /// One item's bytes: (file, offset, length).
@@ -67,16 +63,9 @@ impl ReadAhead {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("weightsmith-readahead".into())
-                .spawn(move || {
-                    let _finished = Finished(&shared);
-                    read(&shared, &paths, &ranges, ahead);
-                })
+                .spawn(move || read(&shared, &paths, &ranges, ahead))
                 .ok()
         };
-        if thread.is_none() {
-            // No thread, nothing to wait for.
-            drop(Finished(&shared));
-        }
         ReadAhead { shared, thread }
     }
 
@@ -86,31 +75,6 @@ impl ReadAhead {
             state.reached = state.reached.max(item);
             self.shared.wake.notify_all();
         }
-    }
-
-    /// Waits until the reader has read item `item`'s bytes up to `upto`, unless `bytes` (the
-    /// caller's view of that part, through its memory map) is already in the page cache, or
-    /// the reader has passed the item or ended. The caller then touches only cached pages:
-    /// on a cold cache, its page faults (one read per fault, many threads at once for a
-    /// parallel merge) would otherwise compete with the reader's large sequential reads.
-    /// Call [`reached`](Self::reached) for the item first. Returns whether it waited.
-    pub fn wait_for(&self, item: usize, upto: u64, bytes: &[u8]) -> bool {
-        let read = |state: &State| {
-            state.finished || state.at.0 > item || (state.at.0 == item && state.at.1 >= upto)
-        };
-        let Ok(mut state) = self.shared.state.lock() else {
-            return false;
-        };
-        if read(&state) || resident(bytes) {
-            return false;
-        }
-        while !read(&state) {
-            state = match self.shared.wake.wait(state) {
-                Ok(s) => s,
-                Err(_) => return true,
-            };
-        }
-        true
     }
 
     /// Bytes the thread has read so far.
@@ -131,18 +95,6 @@ impl Drop for ReadAhead {
     }
 }
 
-/// Marks the reader ended when dropped, however it ends, releasing waiters in `wait_for`.
-struct Finished<'a>(&'a Shared);
-
-impl Drop for Finished<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut state) = self.0.state.lock() {
-            state.finished = true;
-        }
-        self.0.wake.notify_all();
-    }
-}
-
 /// The reader thread. Reading is a hint: a file that cannot be opened or read stops it, and
 /// the caller's own reads then report the problem.
 #[cfg(unix)]
@@ -158,12 +110,6 @@ fn read(shared: &Shared, paths: &[PathBuf], ranges: &[Option<Range>], ahead: u64
             Some(start)
         })
         .collect();
-    let advance = |at: (usize, u64)| {
-        if let Ok(mut state) = shared.state.lock() {
-            state.at = at;
-        }
-        shared.wake.notify_all();
-    };
     let mut files: Vec<Option<std::fs::File>> = paths.iter().map(|_| None).collect();
     let mut buffer = vec![0u8; CHUNK];
     for (item, range) in ranges.iter().enumerate() {
@@ -190,41 +136,10 @@ fn read(shared: &Shared, paths: &[PathBuf], ranges: &[Option<Range>], ahead: u64
                 Ok(n) => {
                     done += n as u64;
                     shared.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-                    advance((item, done));
                 }
             }
         }
-        advance((item + 1, 0));
     }
-}
-
-/// Whether every page of `bytes` (part of a memory map) is in the page cache; false where it
-/// cannot be told.
-#[cfg(unix)]
-pub fn resident(bytes: &[u8]) -> bool {
-    if bytes.is_empty() {
-        return true;
-    }
-    // SAFETY: sysconf has no memory-safety requirements.
-    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as usize,
-        _ => return false,
-    };
-    let start = bytes.as_ptr() as usize / page * page;
-    let end = bytes.as_ptr() as usize + bytes.len();
-    let pages = (end - start).div_ceil(page);
-    let mut flags = vec![0u8; pages];
-    // SAFETY: [start, end) lies within the mapping that holds `bytes` (rounded down to its
-    // page, which the mapping starts at or before), and `flags` has a byte for each page of
-    // it; mincore writes only `flags`.
-    let rc = unsafe { libc::mincore(start as *mut libc::c_void, end - start, flags.as_mut_ptr()) };
-    rc == 0 && flags.iter().all(|f| f & 1 == 1)
-}
-
-/// Whether every page of `bytes` is in the page cache; false where it cannot be told.
-#[cfg(not(unix))]
-pub fn resident(_: &[u8]) -> bool {
-    false
 }
 
 /// What the reader does next with an item.
@@ -352,74 +267,5 @@ mod tests {
         // The caller jumps to the last item: items 1 to 4 are not read.
         reader.reached(5);
         settles_at(&reader, 2 * MIB);
-    }
-
-    /// A fresh anonymous map, never touched: not resident, like a cold part of a file's map.
-    fn untouched() -> memmap2::Mmap {
-        memmap2::MmapMut::map_anon(4 << 20)
-            .unwrap()
-            .make_read_only()
-            .unwrap()
-    }
-
-    #[test]
-    fn waits_for_the_reader_only_where_pages_are_not_cached() {
-        let dir = tempfile::tempdir().unwrap();
-        let ckpt = checkpoint(dir.path(), 6);
-        let order: Vec<Option<&TensorInfo>> = ckpt.tensors().iter().map(Some).collect();
-        let cold = untouched();
-        assert!(!resident(&cold));
-        let warm = vec![1u8; 4 << 20];
-        assert!(resident(&warm));
-        let reader = ReadAhead::start(&ckpt, order.iter().copied(), MIB);
-        // Cached bytes: no wait, whatever the reader has done.
-        assert!(!reader.wait_for(4, MIB, &warm));
-        // The caller's item: released once the reader has read that far.
-        reader.wait_for(0, MIB / 2, &cold);
-        assert!(reader.bytes_read() >= MIB / 2);
-        settles_at(&reader, MIB);
-        // Item 3 is beyond the lead: a waiter waits until the caller reaches it.
-        std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let (reader, cold) = (&reader, &cold);
-            scope.spawn(move || {
-                let waited = reader.wait_for(3, MIB, cold);
-                tx.send(waited).unwrap();
-            });
-            let early = rx.recv_timeout(std::time::Duration::from_millis(300));
-            assert!(early.is_err(), "released before the reader read the bytes");
-            reader.reached(3);
-            assert_eq!(
-                rx.recv_timeout(std::time::Duration::from_secs(20)),
-                Ok(true)
-            );
-        });
-        // Items 1 and 2 were skipped: waiting for them returns at once.
-        assert!(!reader.wait_for(1, MIB, &cold));
-    }
-
-    #[test]
-    fn a_reader_that_fails_releases_its_waiters() {
-        let dir = tempfile::tempdir().unwrap();
-        let ckpt = checkpoint(dir.path(), 4);
-        let order: Vec<Option<&TensorInfo>> = ckpt.tensors().iter().map(Some).collect();
-        // The file loses its data after it was opened: the reader's first read finds its end
-        // and the reader stops; its waiters must not wait for it forever. (The map is never
-        // touched here.)
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("model.safetensors"))
-            .unwrap();
-        file.set_len(16).unwrap();
-        let reader = ReadAhead::start(&ckpt, order.iter().copied(), 4 * MIB);
-        let cold = untouched();
-        std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let (reader, cold) = (&reader, &cold);
-            scope.spawn(move || tx.send(reader.wait_for(2, MIB, cold)).unwrap());
-            let released = rx.recv_timeout(std::time::Duration::from_secs(20));
-            assert!(released.is_ok(), "the waiter was not released");
-        });
-        assert_eq!(reader.bytes_read(), 0);
     }
 }

@@ -298,37 +298,20 @@ pub fn merge(
     }
     // For WEIGHTSMITH_TRACE: this thread's time waiting for merged bytes, and writing them.
     let (mut waited_for_merge, mut writing) = (Duration::ZERO, Duration::ZERO);
-    // And the merging thread's waiting for the reader, in nanoseconds.
-    let waited_for_reader = std::sync::atomic::AtomicU64::new(0);
     let outcome = std::thread::scope(|scope| -> Result<()> {
         let producer = {
             let (jobs, gpu, read_ahead, cancelled) = (&jobs, gpu.as_ref(), &read_ahead, &cancelled);
-            let waited_for_reader = &waited_for_reader;
             scope.spawn(move || -> Result<()> {
                 for (i, job) in jobs.iter().enumerate() {
                     read_ahead.reached(i);
-                    // Parts of the base not yet in the page cache are read by the reader
-                    // thread, not by the merge's page faults.
-                    let cached = |upto: u64, bytes: &[u8]| {
-                        let begun = Instant::now();
-                        if read_ahead.wait_for(i, upto, bytes) {
-                            waited_for_reader
-                                .fetch_add(begun.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        }
-                    };
-                    let cached = job
-                        .base_tensor
-                        .is_some()
-                        .then_some(&cached as &dyn Fn(u64, &[u8]));
-                    let produced =
-                        produce_job(job, out_dtype, gpu, cancelled, cached, &pool_rx, &piece_tx)
-                            .map_err(|e| match e {
-                                Error::Kernel(source) => Error::Merge {
-                                    tensor: job.spec.name.clone(),
-                                    source,
-                                },
-                                other => other,
-                            })?;
+                    let produced = produce_job(job, out_dtype, gpu, cancelled, &pool_rx, &piece_tx)
+                        .map_err(|e| match e {
+                            Error::Kernel(source) => Error::Merge {
+                                tensor: job.spec.name.clone(),
+                                source,
+                            },
+                            other => other,
+                        })?;
                     match produced {
                         Some(stats) if piece_tx.send(Piece::End(stats)).is_ok() => {}
                         // The writer hung up (a write failed): it reports the error.
@@ -458,9 +441,8 @@ pub fn merge(
     let summary = writer.finish()?;
     if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
         eprintln!(
-            "merge trace: {:.2} GB read ahead; the merging thread: {:.2} s waiting for the reader; the writing thread: {:.2} s waiting for merged bytes, {:.2} s writing them, {:.2} s of it waiting for the disk's writes; of {:.2} s",
+            "merge trace: {:.2} GB read ahead; the writing thread: {:.2} s waiting for merged bytes, {:.2} s writing them, {:.2} s of it waiting for the disk's writes; of {:.2} s",
             bytes_read_ahead as f64 / 1e9,
-            waited_for_reader.load(Ordering::Relaxed) as f64 / 1e9,
             waited_for_merge.as_secs_f64(),
             writing.as_secs_f64(),
             disk_wait.as_secs_f64(),
@@ -744,16 +726,13 @@ fn block_rows(cols: usize) -> usize {
 }
 
 /// Merges one job's tensor on the merging thread and sends its bytes to the writing thread
-/// (the caller sends its end). `cached(upto, bytes)`, for a tensor of the base, returns once
-/// the tensor's bytes up to `upto` (`bytes`, the part about to be used) are in the page cache.
-/// `Ok(None)`: the writing thread hung up, or the merge was cancelled; the writing thread
-/// reports why.
+/// (the caller sends its end). `Ok(None)`: the writing thread hung up, or the merge was
+/// cancelled; the writing thread reports why.
 fn produce_job<'a>(
     job: &Job<'a>,
     out_dtype: Dtype,
     gpu: Option<&GpuMerger>,
     cancelled: &(dyn Fn() -> bool + Sync),
-    cached: Option<&dyn Fn(u64, &[u8])>,
     pool: &Receiver<Vec<u8>>,
     pieces: &SyncSender<Piece<'a>>,
 ) -> Result<Option<MergeStats>> {
@@ -841,13 +820,7 @@ fn produce_job<'a>(
                 ..
             }),
             Some(p),
-        ) => {
-            // DoRA's norms read the whole weight.
-            if let Some(cached) = cached {
-                cached(source.len() as u64, source);
-            }
-            Some(DoraScale::new(source, source_dtype, p, *transposed, m).map_err(Error::Kernel)?)
-        }
+        ) => Some(DoraScale::new(source, source_dtype, p, *transposed, m).map_err(Error::Kernel)?),
         _ => None,
     };
     // LoRA targets go to the GPU when there is one; plain conversions stay on the CPU.
@@ -866,13 +839,6 @@ fn produce_job<'a>(
         };
         if cancelled() {
             return Ok(None);
-        }
-        if let Some(cached) = cached {
-            let row_bytes = source.len() / rows;
-            let part = row * row_bytes..(row + n) * row_bytes;
-            if let Some(bytes) = source.get(part.clone()) {
-                cached(part.end as u64, bytes);
-            }
         }
         let len = n * cols * 2;
         if buffer.len() < len {
