@@ -485,6 +485,17 @@ mod tests {
             .collect()
     }
 
+    /// `scale · b·aᵀ` for a weight stored plain: b a column (its rows), a a row (its columns).
+    fn rank_one(b: &[f32], a: &[f32], scale: f32) -> LoraProduct {
+        let term = LoraTerm {
+            a,
+            b,
+            rank: 1,
+            scale,
+        };
+        LoraProduct::new(b.len(), a.len(), false, &[term]).unwrap()
+    }
+
     #[test]
     fn plain_lora_adds_scaled_b_times_a() {
         // W = 0 (2×3), A = [[1,2,3]], B = [[1],[2]], s = 0.5 → ΔW = 0.5·[[1,2,3],[2,4,6]].
@@ -525,15 +536,7 @@ mod tests {
         // (or, for F16 output, 70000: finite in f32, infinite once rounded to F16).
         let base = bf16_bytes(&[1.0; 6]);
         for (b1, out_dtype) in [(2f32.powi(127), Dtype::BF16), (70000.0, Dtype::F16)] {
-            let a = [1.0, 1.0];
-            let b = [0.0, b1, 0.0];
-            let term = LoraTerm {
-                a: &a,
-                b: &b,
-                rank: 1,
-                scale: 4.0,
-            };
-            let p = LoraProduct::new(3, 2, false, &[term]).unwrap();
+            let p = rank_one(&[0.0, b1, 0.0], &[1.0, 1.0], 4.0);
             let mut out = vec![0u8; 12];
             let err = merge_rows(
                 &base,
@@ -584,19 +587,7 @@ mod tests {
         }
         // A base row that already holds an infinity passes it through.
         let base = bf16_bytes(&[f32::INFINITY, 1.0]);
-        let (a, b) = ([1.0, 1.0], [1.0]);
-        let p = LoraProduct::new(
-            1,
-            2,
-            false,
-            &[LoraTerm {
-                a: &a,
-                b: &b,
-                rank: 1,
-                scale: 1.0,
-            }],
-        )
-        .unwrap();
+        let p = rank_one(&[1.0], &[1.0, 1.0], 1.0);
         let mut out = vec![0u8; 4];
         merge_rows(
             &base,
@@ -614,20 +605,7 @@ mod tests {
 
     #[test]
     fn dora_rescales_rows_to_the_magnitude() {
-        let a = [0.0, 0.0];
-        let b = [0.0, 0.0];
-        let p = LoraProduct::new(
-            2,
-            2,
-            false,
-            &[LoraTerm {
-                a: &a,
-                b: &b,
-                rank: 1,
-                scale: 1.0,
-            }],
-        )
-        .unwrap();
+        let p = rank_one(&[0.0, 0.0], &[0.0, 0.0], 1.0);
         let base = bf16_bytes(&[3.0, 4.0, 0.0, 2.0]);
         let d = DoraScale::new(&base, Dtype::BF16, &p, false, &[10.0, 1.0]).unwrap();
         let mut out = vec![0u8; 8];
