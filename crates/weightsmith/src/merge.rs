@@ -750,14 +750,11 @@ fn produce_job<'a>(
         }
         None => (job.source, job.source_dtype),
     };
-    // Not a float we convert: copied as it is.
-    if !can_convert(source_dtype, target) {
-        let bytes = match job.dequant {
-            Some(_) => std::borrow::Cow::Owned(source.to_vec()),
-            None => std::borrow::Cow::Borrowed(job.source),
-        };
+    // Not a float we convert: copied as it is, straight from the map (a dequantised layer is
+    // F32, which always converts).
+    if job.dequant.is_none() && !can_convert(source_dtype, target) {
         return Ok(pieces
-            .send(Piece::Whole(bytes))
+            .send(Piece::Whole(std::borrow::Cow::Borrowed(job.source)))
             .ok()
             .map(|()| MergeStats::default()));
     }
