@@ -143,9 +143,24 @@ fn refuses_an_existing_output_unless_forced() {
     assert!(out.join("mine.txt").exists());
     let mut forced = args.to_vec();
     forced.push("--force");
+    // --force replaces only what looks like a checkpoint folder: not this one.
+    let (code, _, err) = run(&forced);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--force replaces only") && err.contains("mine.txt"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("mine.txt")).unwrap(),
+        "keep"
+    );
+    // An earlier output is replaced.
+    std::fs::remove_file(out.join("mine.txt")).unwrap();
+    std::fs::write(out.join("config.json"), "{}").unwrap();
+    std::fs::write(out.join("model.safetensors"), "old").unwrap();
     let (code, _, err) = run(&forced);
     assert_eq!(code, 0, "{err}");
-    assert!(!out.join("mine.txt").exists());
+    assert!(st_io::Checkpoint::open(&out).is_ok());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use st_io::{Checkpoint, Dtype};
 use weightsmith::{merge, MergeOptions};
-use weightsmith_tests::fixture;
+use weightsmith_tests::{compare_with_reference, fixture};
 
 const CASES: &[&str] = &[
     "llama-lora",
@@ -24,11 +24,6 @@ const CASES: &[&str] = &[
     "qwen2-tied-bias",
     "llama-two-weighted",
 ];
-
-struct Outcome {
-    max_ulps: u32,
-    changed: usize,
-}
 
 /// A fixture case: its case.json and its adapters with their weights.
 fn load_case(name: &str) -> (Value, Vec<(PathBuf, f64)>) {
@@ -63,69 +58,6 @@ fn run_case(name: &str, out: &std::path::Path) -> (weightsmith::MergeReport, Val
     (report, case)
 }
 
-fn compare(ours: &Checkpoint, reference: &Checkpoint, base: &Checkpoint) -> Outcome {
-    let mut names: Vec<&str> = ours.tensors().iter().map(|t| t.name.as_str()).collect();
-    let mut expected: Vec<&str> = reference
-        .tensors()
-        .iter()
-        .map(|t| t.name.as_str())
-        .collect();
-    names.sort();
-    expected.sort();
-    assert_eq!(names, expected, "tensor names");
-    let mut outcome = Outcome {
-        max_ulps: 0,
-        changed: 0,
-    };
-    for t in reference.tensors() {
-        let o = ours.tensor(&t.name).unwrap();
-        assert_eq!((o.dtype, &o.shape), (t.dtype, &t.shape), "{}", t.name);
-        let (a, b) = (ours.tensor_bytes(o), reference.tensor_bytes(t));
-        let w = match base.tensor(&t.name) {
-            Some(bt) if bt.shape == t.shape => {
-                st_io::convert::convert_to_vec(bt.dtype, t.dtype, base.tensor_bytes(bt)).unwrap()
-            }
-            _ => vec![0u8; b.len()],
-        };
-        let value = |x: &[u8]| -> f32 {
-            let bits = u16::from_le_bytes([x[0], x[1]]);
-            if t.dtype == Dtype::F16 {
-                half::f16::from_bits(bits).to_f32()
-            } else {
-                half::bf16::from_bits(bits).to_f32()
-            }
-        };
-        let mantissa_bits = if t.dtype == Dtype::F16 { 10 } else { 7 };
-        let min_exp = if t.dtype == Dtype::F16 { -14 } else { -126 };
-        let mut worst = 0u32;
-        for ((x, y), z) in a
-            .chunks_exact(2)
-            .zip(b.chunks_exact(2))
-            .zip(w.chunks_exact(2))
-        {
-            let (x, y, z) = (value(x), value(y), value(z));
-            let scale = x.abs().max(y.abs()).max(z.abs());
-            let exp = if scale == 0.0 {
-                min_exp
-            } else {
-                (scale.log2().floor() as i32).max(min_exp)
-            };
-            let ulp = 2f32.powi(exp - mantissa_bits);
-            let d = ((x - y).abs() / ulp).ceil() as u32;
-            worst = worst.max(d);
-        }
-        outcome.max_ulps = outcome.max_ulps.max(worst);
-        if let Some(bt) = base.tensor(&t.name) {
-            let base_bytes =
-                st_io::convert::convert_to_vec(bt.dtype, t.dtype, base.tensor_bytes(bt)).unwrap();
-            if base_bytes != b {
-                outcome.changed += 1;
-            }
-        }
-    }
-    outcome
-}
-
 #[test]
 fn every_case_matches_peft_within_its_ulp_budget() {
     let tmp = tempfile::tempdir().unwrap();
@@ -136,7 +68,7 @@ fn every_case_matches_peft_within_its_ulp_budget() {
         let ours = Checkpoint::open(&out).unwrap();
         let reference = Checkpoint::open(fixture(&format!("adapters/{name}/merged"))).unwrap();
         let base = Checkpoint::open(fixture(case["base"].as_str().unwrap())).unwrap();
-        let outcome = compare(&ours, &reference, &base);
+        let outcome = compare_with_reference(&ours, &reference, &base);
         // PEFT rounds the delta to 16 bits, then the sum: at most 1 ulp from our single
         // rounding. DoRA: PEFT also rounds ‖W+ΔW‖ and m/‖W+ΔW‖ to 16 bits before scaling, so 2.
         // Two weighted adapters: PEFT's reference (add_weighted_adapter "cat") stores the

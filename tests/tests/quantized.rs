@@ -488,7 +488,8 @@ fn incomplete_or_ambiguous_quantised_layers_and_awq_merges_are_refused() {
         .unwrap()
         .replace("\"quant_method\": \"gptq\"", "\"quant_method\": \"awq\"");
     std::fs::write(&cfg, text).unwrap();
-    let out = dir.path().join("merged");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = elsewhere.path().join("merged");
     let mut options =
         weightsmith::MergeOptions::new(vec![(fixture("adapters/llama-lora/adapter"), 1.0)], &out);
     options.device = weightsmith::MergeDevice::Cpu;

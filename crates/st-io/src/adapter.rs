@@ -49,6 +49,9 @@ pub struct AdapterConfig {
     pub rank_pattern: Vec<(Regex, u64)>,
     pub alpha_pattern: Vec<(Regex, f64)>,
     pub target_modules: Option<TargetModules>,
+    /// `target_parameters`: parameters (e.g. fused 3-D experts, `experts.gate_up_proj`) that
+    /// PEFT wraps directly; a name matches a parameter equal to it or ending with it after a dot.
+    pub target_parameters: Vec<String>,
     pub fan_in_fan_out: bool,
     pub use_dora: bool,
     pub modules_to_save: Vec<String>,
@@ -147,7 +150,6 @@ impl AdapterConfig {
             let unhandled = [
                 "layer_replication",
                 "use_qalora",
-                "target_parameters",
                 "trainable_token_indices",
                 "alora_invocation_tokens",
             ];
@@ -294,6 +296,7 @@ impl AdapterConfig {
             rank_pattern,
             alpha_pattern,
             target_modules,
+            target_parameters: strings("target_parameters")?,
             fan_in_fan_out: flag("fan_in_fan_out")?,
             use_dora: flag("use_dora")?,
             modules_to_save: strings("modules_to_save")?,
@@ -321,6 +324,24 @@ impl AdapterConfig {
             .iter()
             .find(|(re, _)| re.is_match(module))
             .map_or(self.lora_alpha, |(_, a)| *a)
+    }
+
+    /// Whether `target_parameters` names the in-memory parameter `param` (PEFT's rule: equal,
+    /// or ending with the name after a dot).
+    pub fn targets_parameter(&self, param: &str) -> bool {
+        self.target_parameters
+            .iter()
+            .any(|t| param == t || param.ends_with(&format!(".{t}")))
+    }
+
+    /// Whether some `target_parameters` entry can name a parameter of `module`.
+    fn may_target_parameters_of(&self, module: &str) -> bool {
+        self.target_parameters
+            .iter()
+            .any(|t| match t.rsplit_once('.') {
+                Some((m, _)) => module == m || module.ends_with(&format!(".{m}")),
+                None => true,
+            })
     }
 
     /// The LoRA scaling of a module: alpha / r, or alpha / √r with rsLoRA.
@@ -358,6 +379,23 @@ pub struct LoraModule {
     pub scaling: f64,
 }
 
+/// The LoRA of one targeted parameter (`target_parameters`, PEFT's `ParamWrapper`).
+///
+/// PEFT wraps every targeted parameter of a module in its own wrapper, nested in the order the
+/// module registers its parameters, the last one outermost: its keys are `<module>.lora_A`, the
+/// one inside it `<module>.base_layer.lora_A`, and so on. Which parameter a depth is, and so its
+/// rank (`rank_pattern` matches `<module>.<parameter>`), is known only with the base model:
+/// `A` is `[rank · experts, in]` and `B` `[out, rank · experts]`.
+#[derive(Debug, Clone)]
+pub struct ParamLora {
+    /// Module path, e.g. `model.layers.0.mlp.experts`.
+    pub module: String,
+    /// Wrappers outside this one (0: the outermost).
+    pub depth: usize,
+    pub a: TensorInfo,
+    pub b: TensorInfo,
+}
+
 /// A LoRA adapter folder, its tensors memory-mapped.
 #[derive(Debug)]
 pub struct LoraAdapter {
@@ -366,6 +404,8 @@ pub struct LoraAdapter {
     pub weights: Checkpoint,
     /// By module path, in order.
     pub modules: BTreeMap<String, LoraModule>,
+    /// LoRA on parameters (`target_parameters`), by module path and nesting depth.
+    pub parameter_loras: BTreeMap<(String, usize), ParamLora>,
     /// Base tensor name → adapter tensor replacing it (modules_to_save, saved embeddings,
     /// trained biases).
     pub replacements: BTreeMap<String, TensorInfo>,
@@ -425,7 +465,7 @@ impl LoraAdapter {
             return Err(Error::NotFound { path: dir });
         }
         let config_path = dir.join(ADAPTER_CONFIG_NAME);
-        let bytes = std::fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let bytes = crate::paths::read_regular(&config_path)?;
         let config = AdapterConfig::parse(&config_path, &bytes)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS_NAME);
         if !weights_path.exists() {
@@ -487,7 +527,66 @@ impl LoraAdapter {
             replacements.insert(target, t.clone());
         }
         let mut modules = BTreeMap::new();
+        let mut parameter_loras = BTreeMap::new();
         for (module, mut p) in parts {
+            // Nested parameter wrappers: `<module>.base_layer[.base_layer…]`.
+            let mut unwrapped = module.as_str();
+            let mut depth = 0;
+            while let Some(inner) = unwrapped.strip_suffix(".base_layer") {
+                unwrapped = inner;
+                depth += 1;
+            }
+            let named_by_modules = config
+                .target_modules
+                .as_ref()
+                .is_some_and(|t| t.matches(unwrapped));
+            if !config.target_parameters.is_empty()
+                && (depth > 0 || !named_by_modules)
+                && config.may_target_parameters_of(unwrapped)
+            {
+                let bad = |message: String| Error::BadAdapterModule {
+                    file: weights_path.clone(),
+                    module: unwrapped.to_string(),
+                    message,
+                };
+                let (Some(a), Some(b)) = (p.remove("lora_A"), p.remove("lora_B")) else {
+                    return Err(bad(
+                        "a LoRA on parameters needs both lora_A and lora_B".into()
+                    ));
+                };
+                if let Some(extra) = p.keys().next() {
+                    return Err(bad(format!(
+                        "has \"{extra}\", which PEFT does not make for a LoRA on parameters"
+                    )));
+                }
+                if a.shape.len() != 2 || b.shape.len() != 2 || a.shape[0] != b.shape[1] {
+                    return Err(bad(format!(
+                        "A has shape {:?} and B {:?}: A must be [rank · experts, in] and B [out, rank · experts]",
+                        a.shape, b.shape
+                    )));
+                }
+                for t in [&a, &b] {
+                    if !matches!(
+                        t.dtype,
+                        crate::Dtype::F32 | crate::Dtype::F16 | crate::Dtype::BF16
+                    ) {
+                        return Err(bad(format!(
+                            "\"{}\" is {}; LoRA weights must be F32, F16 or BF16",
+                            t.name, t.dtype
+                        )));
+                    }
+                }
+                parameter_loras.insert(
+                    (unwrapped.to_string(), depth),
+                    ParamLora {
+                        module: unwrapped.to_string(),
+                        depth,
+                        a,
+                        b,
+                    },
+                );
+                continue;
+            }
             let bad = |message: String| Error::BadAdapterModule {
                 file: weights_path.clone(),
                 module: module.clone(),
@@ -564,7 +663,7 @@ impl LoraAdapter {
                 },
             );
         }
-        if modules.is_empty() && replacements.is_empty() {
+        if modules.is_empty() && parameter_loras.is_empty() && replacements.is_empty() {
             return Err(Error::NotACheckpoint {
                 path: weights_path,
                 message: "holds no LoRA tensors".into(),
@@ -575,6 +674,7 @@ impl LoraAdapter {
             config,
             weights,
             modules,
+            parameter_loras,
             replacements,
         })
     }

@@ -2,7 +2,6 @@
 //! `model.safetensors`, or shards listed by `model.safetensors.index.json`), memory-mapped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
@@ -67,7 +66,7 @@ impl ShardFile {
     }
 
     fn open_with_tensors(path: &Path, name: String) -> Result<(ShardFile, Vec<HeaderTensor>)> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::paths::open_regular(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
             return Err(Error::FileTooShort {
@@ -247,6 +246,36 @@ impl Checkpoint {
         self.tensors.iter().map(|t| t.len).sum()
     }
 
+    /// The tensors this checkpoint lacks, or has beyond, its architecture ([`crate::arch`]).
+    pub fn completeness(&self) -> crate::arch::Completeness {
+        crate::arch::completeness(
+            self.tensors.iter().map(|t| t.name.as_str()),
+            self.config.as_ref(),
+        )
+    }
+
+    /// The file a missing tensor belongs in: the file of the tensor beside it.
+    pub fn file_beside(&self, missing: &crate::arch::Missing) -> Option<&str> {
+        let beside = self.tensor(missing.beside.as_deref()?)?;
+        Some(self.files[beside.file].name.as_str())
+    }
+
+    /// Refuses a checkpoint with a tensor missing ([`Error::Incomplete`], naming the first
+    /// and the file it belongs in). plan, load and merge call it before any byte is copied.
+    pub fn require_complete(&self) -> Result<()> {
+        let c = self.completeness();
+        match c.missing.first() {
+            None => Ok(()),
+            Some(m) => Err(Error::Incomplete {
+                path: self.root.clone(),
+                tensor: m.tensor.clone(),
+                reason: m.reason.clone(),
+                file: self.file_beside(m).map(String::from),
+                more: c.missing.len() - 1,
+            }),
+        }
+    }
+
     /// The placement units of this checkpoint, in model order.
     pub fn layout(&self) -> ModelLayout {
         let config = self.config.as_ref();
@@ -270,10 +299,11 @@ fn unsupported_weights_message(file_name: &str) -> Option<String> {
 }
 
 fn read_config_if_present(path: &Path) -> Result<Option<ModelConfig>> {
-    match std::fs::read(path) {
+    match crate::paths::read_regular(path) {
         Ok(bytes) => ModelConfig::parse(path, &bytes).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
+        Err(Error::NotFound { .. }) => Ok(None),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -416,7 +446,7 @@ impl ShardIndex {
 }
 
 fn open_sharded(folder: &Path, index_path: &Path) -> Result<Checkpoint> {
-    let bytes = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+    let bytes = crate::paths::read_regular(index_path)?;
     let index = ShardIndex::parse(index_path, &bytes)?;
     // Shard name → first tensor mapped to it, in shard-name order.
     let mut shards: BTreeMap<&str, &str> = BTreeMap::new();

@@ -146,7 +146,7 @@ impl ModelConfig {
 
     /// Reads and parses a `config.json` file.
     pub fn read(file: &Path) -> Result<ModelConfig> {
-        let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+        let bytes = crate::paths::read_regular(file)?;
         ModelConfig::parse(file, &bytes)
     }
 

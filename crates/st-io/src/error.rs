@@ -17,6 +17,34 @@ pub enum Error {
     },
     #[error("{}: no such file or folder", path.display())]
     NotFound { path: PathBuf },
+    #[error("{}: is {kind}, not a regular file; weightsmith reads only regular files", path.display())]
+    NotARegularFile { path: PathBuf, kind: &'static str },
+    #[error("the output {} {how} the input {}: choose an output folder outside every input (nothing was written or removed)", output.display(), input.display())]
+    OutputOverlapsInput {
+        output: PathBuf,
+        input: PathBuf,
+        /// "is", "lies inside" or "contains".
+        how: &'static str,
+    },
+    #[error("{}: --force replaces only a checkpoint folder or an empty one, and {why} ({}); choose another output folder", path.display(), file.display())]
+    NotAnOutputFolder {
+        path: PathBuf,
+        /// The entry that made it so.
+        file: PathBuf,
+        why: String,
+    },
+    /// A tensor the architecture (or the other layers) says the checkpoint must have is not
+    /// there: a partial download, a bad conversion, a shard left out.
+    #[error("{}: tensor \"{tensor}\" is missing ({reason}){}{}: an incomplete or broken checkpoint; download or convert it again", path.display(), file.as_ref().map(|f| format!("; it belongs in {f}")).unwrap_or_default(), if *more > 0 { format!(", and {more} more tensor(s) are missing") } else { String::new() })]
+    Incomplete {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+        /// The file it belongs in (where the tensors beside it are).
+        file: Option<String>,
+        /// How many more are missing.
+        more: usize,
+    },
 
     // ---- the safetensors header ----
     #[error("{}: file is {len} bytes, shorter than the 8-byte header length of a safetensors file", file.display())]
@@ -177,11 +205,14 @@ pub enum Error {
     },
     #[error("{}: already exists; choose another destination or allow replacing it", path.display())]
     DestinationExists { path: PathBuf },
-    #[error("{}: not enough free space: the checkpoint needs {}, the file system has {} free", path.display(), crate::size::format_decimal(*needed), crate::size::format_decimal(*available))]
+    #[error("{}: not enough free space: the checkpoint needs {}, the file system has {} free{}", path.display(), crate::size::format_decimal(*needed), crate::size::format_decimal(*available), if *replaced > 0 { format!(" counting the {} of the folder it replaces", crate::size::format_decimal(*replaced)) } else { String::new() })]
     NoSpace {
         path: PathBuf,
         needed: u64,
+        /// Free bytes, with those of the folder being replaced.
         available: u64,
+        /// Bytes the replaced folder frees (0 without one).
+        replaced: u64,
     },
     #[error("writer: {message}")]
     WriterMisuse { message: String },

@@ -12,12 +12,17 @@
 //! - converts F32/F16/BF16 to F16/BF16 with one rounding ([`convert()`]);
 //! - recognises quantised linear layers (GPTQ, EXL2, AWQ) and checks their tensors against
 //!   each other and config.json ([`quant::quantized_linears`]);
+//! - knows, per architecture family, the tensors a checkpoint must have and how transformers
+//!   converts on-disk tensors to in-memory parameters, as data made by transformers itself
+//!   ([`arch`]);
+//! - reads only regular files, and keeps outputs apart from inputs ([`paths`]);
 //! - reads PEFT LoRA adapters: config, patterns, LoRA/DoRA/embedding tensors ([`LoraAdapter`]).
 //!
 //! What it deliberately does not do: talk to GPUs, decide placement, merge adapters, or read
 //! PyTorch pickle files (they can run code when loaded).
 
 pub mod adapter;
+pub mod arch;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
@@ -25,12 +30,13 @@ pub mod dtype;
 pub mod error;
 pub mod header;
 pub mod layout;
+pub mod paths;
 pub mod quant;
 pub mod readahead;
 pub mod size;
 pub mod writer;
 
-pub use adapter::{AdapterConfig, LoraAdapter, LoraKind, LoraModule};
+pub use adapter::{AdapterConfig, LoraAdapter, LoraKind, LoraModule, ParamLora};
 pub use checkpoint::{Checkpoint, LayoutKind, Problem, ShardFile, ShardIndex, TensorInfo};
 pub use config::{ModelConfig, QuantKind, QuantizationConfig};
 pub use convert::convert;

@@ -324,6 +324,29 @@ pub struct ShardWriter {
     finished: bool,
     /// Time spent waiting for the disk: write-back calls and syncs of closed shards.
     disk_wait: std::time::Duration,
+    /// The folder being replaced was removed before writing, to make room.
+    replaced_early: bool,
+}
+
+/// Whether a checkpoint of `needed` bytes fits in `free` bytes, counting the `replaced` bytes
+/// of the folder it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Beside the folder it replaces: that folder stays until the new one is complete.
+    Fits,
+    /// Only in the room the replaced folder frees: it is removed before writing.
+    OnceReplacedIsRemoved,
+    NoSpace,
+}
+
+fn room_for(needed: u64, free: u64, replaced: u64) -> Room {
+    if free >= needed {
+        Room::Fits
+    } else if free.saturating_add(replaced) >= needed {
+        Room::OnceReplacedIsRemoved
+    } else {
+        Room::NoSpace
+    }
 }
 
 impl ShardWriter {
@@ -350,15 +373,36 @@ impl ShardWriter {
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         // Refuse now, not after minutes of writing, when the shards cannot fit. The folder it
-        // replaces is removed only after the new one is complete, so it frees nothing.
-        if let Some(available) = free_bytes(&tmp) {
-            if available < plan.total_bytes {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(Error::NoSpace {
-                    path: parent_dir(&dest).to_path_buf(),
-                    needed: plan.total_bytes,
-                    available,
-                });
+        // replaces counts as free: it stays until the new one is complete when both fit, and
+        // is removed first when only the new one does (it is being replaced either way).
+        let mut replaced_early = false;
+        if let Some(free) = free_bytes(&tmp) {
+            let replaced = if options.replace_existing && dest.is_dir() {
+                folder_bytes(&dest)
+            } else {
+                0
+            };
+            match room_for(plan.total_bytes, free, replaced) {
+                Room::Fits => {}
+                Room::NoSpace => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(Error::NoSpace {
+                        path: parent_dir(&dest).to_path_buf(),
+                        needed: plan.total_bytes,
+                        available: free.saturating_add(replaced),
+                        replaced,
+                    });
+                }
+                Room::OnceReplacedIsRemoved => {
+                    let old = temporary_sibling(&dest, "old")?;
+                    let moved =
+                        std::fs::rename(&dest, &old).and_then(|()| std::fs::remove_dir_all(&old));
+                    if let Err(e) = moved {
+                        let _ = std::fs::remove_dir_all(&tmp);
+                        return Err(Error::io(&dest, e));
+                    }
+                    replaced_early = true;
+                }
             }
         }
         let mut slots = vec![Slot { shard: 0, bytes: 0 }; specs.len()];
@@ -385,11 +429,18 @@ impl ShardWriter {
             extra_files: Vec::new(),
             finished: false,
             disk_wait: std::time::Duration::ZERO,
+            replaced_early,
         })
     }
 
     pub fn plan(&self) -> &ShardPlan {
         &self.plan
+    }
+
+    /// Whether the folder being replaced (`replace_existing`) had to be removed before writing,
+    /// because the file system could not hold both it and the new checkpoint.
+    pub fn replaced_early(&self) -> bool {
+        self.replaced_early
     }
 
     /// Time spent so far waiting for the disk, in the shards closed so far: their write-back
@@ -730,6 +781,31 @@ fn temporary_sibling(dest: &Path, what: &str) -> Result<PathBuf> {
     Ok(dest.with_file_name(sibling))
 }
 
+/// The bytes a folder's files occupy on disk (what removing it frees), not following links.
+#[cfg(unix)]
+fn folder_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.nlink() <= 1 {
+                // A hard-linked file's blocks stay with its other names.
+                total = total.saturating_add(m.blocks().saturating_mul(512));
+            }
+        }
+    }
+    total
+}
+
 /// Bytes an unprivileged writer may still use on the file system holding `dir` (None where
 /// unknown).
 #[cfg(unix)]
@@ -758,6 +834,11 @@ fn free_bytes(_: &Path) -> Option<u64> {
     None
 }
 
+#[cfg(not(unix))]
+fn folder_bytes(_: &Path) -> u64 {
+    0
+}
+
 /// The folder that holds `dest` (`.` for a bare name).
 fn parent_dir(dest: &Path) -> &Path {
     match dest.parent() {
@@ -776,6 +857,29 @@ fn sync_dir(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
+
+    #[test]
+    fn the_folder_being_replaced_counts_as_free() {
+        assert_eq!(room_for(10, 10, 0), Room::Fits);
+        assert_eq!(room_for(16, 4, 16), Room::OnceReplacedIsRemoved);
+        assert_eq!(room_for(16, 4, 11), Room::NoSpace);
+        assert_eq!(
+            room_for(u64::MAX, u64::MAX - 1, u64::MAX),
+            Room::OnceReplacedIsRemoved
+        );
+    }
+
+    #[test]
+    fn folder_bytes_counts_what_removing_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a"), vec![1u8; 100_000]).unwrap();
+        std::fs::write(dir.path().join("sub/b"), vec![1u8; 50_000]).unwrap();
+        std::fs::write(dir.path().join("linked"), vec![1u8; 70_000]).unwrap();
+        std::fs::hard_link(dir.path().join("linked"), dir.path().join("sub/other-name")).unwrap();
+        let n = folder_bytes(dir.path());
+        assert!((150_000..=150_000 + 2 * 65_536).contains(&n), "{n}");
+    }
 
     #[test]
     fn starts_write_back_as_it_goes_and_waits_for_what_is_far_behind() {

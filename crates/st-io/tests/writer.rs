@@ -195,6 +195,7 @@ fn refuses_at_once_a_checkpoint_larger_than_the_free_space() {
         path,
         needed,
         available,
+        ..
     } = &e
     else {
         panic!("expected NoSpace, got {e}");
@@ -331,4 +332,78 @@ proptest! {
             }
         }
     }
+}
+
+/// A small tmpfs of our own, unmounted on drop.
+#[cfg(target_os = "linux")]
+struct SmallFs(std::path::PathBuf);
+
+#[cfg(target_os = "linux")]
+impl SmallFs {
+    /// Mounts a tmpfs of `mib` MiB (needs root, as on CI); WEIGHTSMITH_NO_MOUNT=1 says the
+    /// machine cannot, and the test then says so and checks nothing.
+    fn mount(at: &std::path::Path, mib: u64) -> Option<SmallFs> {
+        if std::env::var_os("WEIGHTSMITH_NO_MOUNT").is_some() {
+            eprintln!("WEIGHTSMITH_NO_MOUNT: the small file system test is not run");
+            return None;
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root; set WEIGHTSMITH_NO_MOUNT=1 where it cannot be done"
+        );
+        Some(SmallFs(at.to_path_buf()))
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn force_counts_the_replaced_folder_as_free_space() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&dir.path().join("fs"), 8) else {
+        return;
+    };
+    let dest = fs.0.join("out");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::write(dest.join("model.safetensors"), vec![7u8; 5 * MIB as usize]).unwrap();
+    let specs = |mib: u64| vec![TensorSpec::new("t", Dtype::U8, vec![mib * MIB])];
+    let replacing = WriterOptions {
+        replace_existing: true,
+        ..options(DEFAULT_MAX_SHARD_BYTES)
+    };
+    // 10 MiB do not fit even once the 5 MiB folder is gone: refused, the old folder intact.
+    let Err(e) = ShardWriter::create(&dest, specs(10), replacing.clone()) else {
+        panic!("10 MiB fitted in an 8 MiB file system");
+    };
+    assert!(e.to_string().contains("of the folder it replaces"), "{e}");
+    assert_eq!(
+        std::fs::read(dest.join("model.safetensors")).unwrap().len() as u64,
+        5 * MIB
+    );
+    // 6 MiB fit only in the room the replaced folder frees (3 MiB are free beside it).
+    let mut w = ShardWriter::create(&dest, specs(6), replacing).unwrap();
+    assert!(w.replaced_early());
+    w.write_tensor("t", &vec![1u8; 6 * MIB as usize]).unwrap();
+    w.finish().unwrap();
+    let c = st_io::Checkpoint::open(&dest).unwrap();
+    assert_eq!(c.tensors()[0].len, 6 * MIB);
+    // Nothing else is left in the file system.
+    let names: Vec<_> = std::fs::read_dir(&fs.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["out"]);
 }

@@ -201,6 +201,37 @@ fn report(
         })
         .collect();
     let mut problems: Vec<Problem> = checkpoint.problems().to_vec();
+    let completeness = checkpoint.completeness();
+    for m in &completeness.missing {
+        problems.push(Problem {
+            subject: m.tensor.clone(),
+            message: format!(
+                "tensor \"{}\" is missing ({}){}; plan, load and merge refuse the checkpoint",
+                m.tensor,
+                m.reason,
+                checkpoint
+                    .file_beside(m)
+                    .map(|f| format!("; it belongs in {f}"))
+                    .unwrap_or_default()
+            ),
+        });
+    }
+    for u in &completeness.unexpected {
+        problems.push(Problem {
+            subject: u.clone(),
+            message: format!(
+                "tensor \"{u}\" is not part of a {} (transformers ignores it when loading)",
+                completeness
+                    .family
+                    .as_deref()
+                    .unwrap_or("model of this architecture")
+            ),
+        });
+    }
+    problems.extend(completeness.notes.iter().map(|n| Problem {
+        subject: "layers".into(),
+        message: n.clone(),
+    }));
     problems.extend(layout.notes.iter().map(|n| Problem {
         subject: "layout".into(),
         message: n.clone(),

@@ -11,6 +11,7 @@ mod card;
 pub mod inspect;
 pub mod load;
 pub mod merge;
+mod param_lora;
 pub mod plan;
 pub mod publish;
 

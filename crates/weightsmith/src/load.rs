@@ -195,6 +195,7 @@ pub fn load(
     let path = path.as_ref();
     let started = Instant::now();
     let checkpoint = Checkpoint::open(path)?;
+    checkpoint.require_complete()?;
     let linears = st_io::quant::quantized_linears(&checkpoint)?;
     check_architecture(&checkpoint, &linears)?;
     let infos = gpu_mem::discover()?;
@@ -274,10 +275,7 @@ pub fn load(
             file: &shard.name,
             units: &units,
         });
-        let file = std::fs::File::open(&shard.path).map_err(|e| st_io::Error::Io {
-            path: shard.path.clone(),
-            source: e,
-        })?;
+        let file = st_io::paths::open_regular(&shard.path)?;
         let mut members: Vec<(u64, usize)> = checkpoint
             .tensors()
             .iter()

@@ -199,6 +199,11 @@ pub fn merge(
         (_, Some(_)) => "cuda:0".to_string(),
         _ => "cpu".to_string(),
     };
+    // Before anything is created, renamed or removed: the output is no input, holds none and
+    // lies in none; --force replaces only a checkpoint folder.
+    let mut inputs: Vec<&Path> = vec![base_path];
+    inputs.extend(options.adapters.iter().map(|(p, _)| p.as_path()));
+    st_io::paths::check_output(&options.out, &inputs, options.force)?;
     if options.out.exists() && !options.force {
         return Err(st_io::Error::DestinationExists {
             path: options.out.clone(),
@@ -206,6 +211,7 @@ pub fn merge(
         .into());
     }
     let base = Checkpoint::open(base_path)?;
+    base.require_complete()?;
     let quantized = st_io::quant::quantized_linears(&base)?;
     if let Some(l) = quantized
         .iter()
@@ -484,15 +490,13 @@ fn dominant_half(base: &Checkpoint) -> Option<Dtype> {
         .filter(|d| d.is_half())
 }
 
+/// The vocabulary of the output when an adapter resized it: the rows of a token embedding or
+/// head that differ from config.json's `vocab_size` (position embeddings have rows for
+/// positions, and say nothing of the vocabulary).
 fn resized_vocab(base: &Checkpoint, jobs: &[Job]) -> Option<u64> {
     let config_vocab = base.config().and_then(|c| c.vocab_size)?;
     jobs.iter()
-        .filter(|j| {
-            matches!(
-                st_io::layout::classify(&j.spec.name),
-                st_io::layout::TensorPlace::Embedding | st_io::layout::TensorPlace::Head
-            )
-        })
+        .filter(|j| is_vocab_tensor(&j.spec.name))
         .filter(|j| j.spec.shape.len() == 2)
         .map(|j| j.spec.shape[0])
         .find(|&v| v != config_vocab && v > 1)
@@ -578,6 +582,10 @@ fn plan_jobs<'a>(
         .map(|n| (n.to_string(), None))
         .collect();
     names.extend(extra);
+    let family = st_io::arch::family(base.config());
+    let mut used_modules: std::collections::HashSet<(PathBuf, String)> = Default::default();
+    let mut used_parameter_loras: std::collections::HashSet<(PathBuf, (String, usize))> =
+        Default::default();
     let mut jobs = Vec::with_capacity(names.len());
     for (name, layer) in &names {
         let name = name.as_str();
@@ -615,11 +623,56 @@ fn plan_jobs<'a>(
             bias_terms: Vec::new(),
             dequant: layer,
         };
-        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        let disk_module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        // transformers may rename a tensor on loading (Mixtral's `block_sparse_moe.gate` is
+        // `mlp.gate` in memory): PEFT names the in-memory module.
+        let memory_module = family
+            .and_then(|f| st_io::arch::in_memory(f, name).ok().flatten())
+            .filter(|p| p.block.is_none())
+            .and_then(|p| {
+                let suffix = name.rsplit_once('.').map(|(_, s)| s)?;
+                p.param
+                    .strip_suffix(&format!(".{suffix}"))
+                    .map(String::from)
+            });
         for (a, weight) in adapters {
+            let shape_now = shape.clone();
+            if let Some(term) = crate::param_lora::parameter_term(a, family, name, &shape_now)? {
+                if !can_convert(dtype, out_dtype) {
+                    return Err(module_error(a, &term.key.0, format!("targets \"{name}\" of dtype {dtype}; merging needs an F32, F16 or BF16 base weight")));
+                }
+                used_parameter_loras.insert((a.path.clone(), term.key.clone()));
+                let lora = job.lora.get_or_insert_with(|| LoraJob {
+                    out: term.out,
+                    inp: term.inp,
+                    transposed: term.transposed,
+                    terms: Vec::new(),
+                    magnitude: None,
+                    _marker: std::marker::PhantomData,
+                });
+                if (lora.out, lora.inp, lora.transposed) != (term.out, term.inp, term.transposed) {
+                    return Err(module_error(
+                        a,
+                        &term.key.0,
+                        format!("adapts \"{name}\" in a shape another adapter does not"),
+                    ));
+                }
+                lora.terms
+                    .push((term.a, term.b, term.rank, term.scaling * weight));
+                continue;
+            }
+            let module = if a.modules.contains_key(disk_module) {
+                disk_module
+            } else {
+                match &memory_module {
+                    Some(m) if a.modules.contains_key(m.as_str()) => m.as_str(),
+                    _ => continue,
+                }
+            };
             let Some(m) = a.modules.get(module) else {
                 continue;
             };
+            used_modules.insert((a.path.clone(), module.to_string()));
             if name.ends_with(".bias") {
                 if let Some(b) = &m.lora_bias {
                     job.bias_terms.push((
@@ -689,11 +742,33 @@ fn plan_jobs<'a>(
                 "\"{name}\" has LoRA bias terms but dtype {dtype}"
             )));
         }
+        // transformers keeps some tensors in F32 in a 16-bit model (`_keep_in_fp32_modules`,
+        // DeepSeek's `e_score_correction_bias`) and saves them so: the output does the same.
+        if family.is_some_and(|f| f.keeps_in_fp32(name))
+            && can_convert(dtype, out_dtype)
+            && job.lora.is_none()
+            && job.bias_terms.is_empty()
+            && job.dequant.is_none()
+        {
+            job.spec = TensorSpec::new(name, Dtype::F32, shape.clone());
+        }
         jobs.push(job);
     }
     // Every module of every adapter found its base weight.
     for (a, _) in adapters {
+        for (module, depth) in a.parameter_loras.keys() {
+            if !used_parameter_loras.contains(&(a.path.clone(), (module.clone(), *depth))) {
+                return Err(module_error(a, module, format!(
+                    "has a LoRA on {} of this module's parameters (target_parameters {:?}) that no tensor of the base takes (an adapter for another model?)",
+                    if *depth == 0 { "the outermost".to_string() } else { format!("the parameter nested {depth} deep in") },
+                    a.config.target_parameters
+                )));
+            }
+        }
         for (module, m) in &a.modules {
+            if used_modules.contains(&(a.path.clone(), module.clone())) {
+                continue;
+            }
             let weight = format!("{module}.weight");
             if !jobs.iter().any(|j| j.spec.name == weight) {
                 return Err(module_error(a, module, format!("targets \"{weight}\", which the base does not have (an adapter for another model?)")));
@@ -712,11 +787,12 @@ fn plan_jobs<'a>(
     Ok(jobs)
 }
 
+/// A token embedding or the head: tensors with a row per token of the vocabulary.
 fn is_vocab_tensor(name: &str) -> bool {
     matches!(
         st_io::layout::classify(name),
         st_io::layout::TensorPlace::Embedding | st_io::layout::TensorPlace::Head
-    )
+    ) && !st_io::arch::is_position_embedding(name)
 }
 
 /// Rows per block: about 32 MiB of output, more than the writer's buffer, so blocks go
@@ -750,6 +826,17 @@ fn produce_job<'a>(
         }
         None => (job.source, job.source_dtype),
     };
+    // A 16-bit tensor transformers keeps in F32: widened exactly.
+    if target == Dtype::F32 && source_dtype != Dtype::F32 && job.dequant.is_none() {
+        let wide: Vec<u8> = to_f32_vec(source_dtype, source)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        return Ok(pieces
+            .send(Piece::Whole(std::borrow::Cow::Owned(wide)))
+            .ok()
+            .map(|()| MergeStats::default()));
+    }
     // Not a float we convert: copied as it is, straight from the map (a dequantised layer is
     // F32, which always converts).
     if job.dequant.is_none() && !can_convert(source_dtype, target) {
@@ -788,10 +875,13 @@ fn produce_job<'a>(
             .ok()
             .map(|()| stats));
     }
-    let (rows, cols) = match job.spec.shape.as_slice() {
-        [] => (1, 1),
-        [n] => (1, *n as usize),
-        [first, rest @ ..] => (*first as usize, rest.iter().product::<u64>() as usize),
+    let (rows, cols) = match (&job.lora, job.spec.shape.as_slice()) {
+        // A LoRA's product sets the rows (a 3-D expert stack is [experts · d1, d2]).
+        (Some(l), _) if l.transposed => (l.inp, l.out),
+        (Some(l), _) => (l.out, l.inp),
+        (None, []) => (1, 1),
+        (None, [n]) => (1, *n as usize),
+        (None, [first, rest @ ..]) => (*first as usize, rest.iter().product::<u64>() as usize),
     };
     let product = match &job.lora {
         Some(l) => {
@@ -899,13 +989,12 @@ fn copy_non_weight_files(
             || lower.ends_with(".safetensors.index.json")
             || lower.ends_with(".bin.index.json");
         let adapter = lower.starts_with("adapter_");
-        if weights || adapter || name == "README.md" || name.starts_with('.') || !path.is_file() {
+        // Folders (`original/` beside the weights) are not part of a transformers checkpoint;
+        // anything else that is not a regular file is refused when it is read.
+        if weights || adapter || name == "README.md" || name.starts_with('.') || path.is_dir() {
             continue;
         }
-        let bytes = std::fs::read(&path).map_err(|e| st_io::Error::Io {
-            path: path.clone(),
-            source: e,
-        })?;
+        let bytes = st_io::paths::read_regular(&path)?;
         let bytes = if name == "config.json" {
             updated_config(&path, &bytes, out_dtype, untie, vocab)?
         } else {
@@ -978,7 +1067,7 @@ fn verify_output(out: &Path, jobs: &[Job], out_dtype: Dtype) -> Result<VerifyRep
             None => (job.source, job.source_dtype),
         };
         let bytes = written.tensor_bytes(t);
-        let rows = job.spec.shape[0] as usize;
+        let rows = if l.transposed { l.inp } else { l.out };
         let cols = bytes.len() / 2 / rows.max(1);
         let terms: Vec<lora_kernels::reference::TermRef> = l
             .terms

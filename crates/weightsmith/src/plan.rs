@@ -118,6 +118,7 @@ pub fn parse_gpu_split(text: &str) -> Result<Vec<u64>> {
 pub fn plan_checkpoint(path: impl AsRef<Path>, options: &PlanOptions) -> Result<PlanReport> {
     let path = path.as_ref();
     let checkpoint = Checkpoint::open(path)?;
+    checkpoint.require_complete()?;
     let devices = match &options.devices {
         DeviceChoice::Simulated(c) if !c.is_empty() => c
             .iter()
