@@ -201,8 +201,17 @@ pub fn merge(
     };
     // Before anything is created, renamed or removed: the output is no input, holds none and
     // lies in none; --force replaces only a checkpoint folder.
-    let mut inputs: Vec<&Path> = vec![base_path];
-    inputs.extend(options.adapters.iter().map(|(p, _)| p.as_path()));
+    // The files inside each input count too: a Hugging Face cache snapshot's files are
+    // symbolic links into its blobs folder.
+    let mut inputs: Vec<PathBuf> = vec![base_path.to_path_buf()];
+    inputs.extend(options.adapters.iter().map(|(p, _)| p.clone()));
+    let inside: Vec<PathBuf> = inputs
+        .iter()
+        .filter_map(|p| std::fs::read_dir(p).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .collect();
+    inputs.extend(inside);
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     st_io::paths::check_output(&options.out, &inputs, options.force)?;
     if options.out.exists() && !options.force {
         return Err(st_io::Error::DestinationExists {
