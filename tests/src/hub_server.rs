@@ -46,10 +46,59 @@ struct Fault {
     remaining: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StoredFile {
     pub content: Vec<u8>,
     pub lfs: bool,
+    /// A sparse file: `content` then zeros up to this length, never held in memory (a
+    /// 70B-shaped repository whose headers are real). Its oid is the SHA-256 of `content`.
+    pub sparse_len: Option<u64>,
+    /// The SHA-256 of `content`, computed once (a GB shard is hashed once, not per request).
+    pub sha256_once: std::sync::OnceLock<String>,
+}
+
+impl StoredFile {
+    pub fn new(content: Vec<u8>, lfs: bool) -> StoredFile {
+        StoredFile {
+            content,
+            lfs,
+            ..StoredFile::default()
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.sparse_len.unwrap_or(self.content.len() as u64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes `from..to` (end exclusive, clamped).
+    fn bytes(&self, from: u64, to: u64) -> Vec<u8> {
+        let to = to.min(self.len()) as usize;
+        let from = (from as usize).min(to);
+        let held = to.min(self.content.len());
+        let mut out = Vec::with_capacity(to - from);
+        if from < held {
+            out.extend_from_slice(&self.content[from..held]);
+        }
+        out.resize(to - from, 0);
+        out
+    }
+
+    fn sha256(&self) -> String {
+        self.sha256_once
+            .get_or_init(|| sha256_hex(&self.content))
+            .clone()
+    }
+}
+
+/// A fault in a file's body: the connection dropped after `after` bytes, or one byte flipped.
+#[derive(Debug, Clone)]
+pub enum BodyFault {
+    DropAfter(usize),
+    Corrupt,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -61,6 +110,8 @@ pub struct Branch {
 #[derive(Debug, Clone, Default)]
 pub struct Repo {
     pub private: bool,
+    /// Gated: files need a valid token (401 with X-Error-Code GatedRepo otherwise).
+    pub gated: bool,
     pub branches: BTreeMap<String, Branch>,
     pub prs: u32,
     pub commit_messages: Vec<String>,
@@ -78,6 +129,9 @@ struct State {
     /// Tokens that authenticate but may not write.
     read_only_tokens: Vec<String>,
     transfer: Option<Transfer>,
+    /// Bytes of response bodies sent (HEAD answers send none).
+    bytes_sent: u64,
+    body_faults: Vec<(String, BodyFault, u32)>,
 }
 
 /// The running server; stopped when dropped.
@@ -153,6 +207,36 @@ impl HubServer {
             status,
             remaining: times,
         });
+    }
+
+    /// Creates (or replaces) `repo_id` with one commit on main holding `files`.
+    pub fn put_repo(&self, repo_id: &str, files: Vec<(String, StoredFile)>, gated: bool) {
+        let mut st = self.state.lock().unwrap();
+        st.commits += 1;
+        let main = Branch {
+            commit: commit_id(st.commits),
+            files: files.into_iter().collect(),
+        };
+        let mut repo = Repo {
+            gated,
+            ..Repo::default()
+        };
+        repo.branches.insert("main".into(), main);
+        st.repos.insert(repo_id.to_string(), repo);
+    }
+
+    /// The next `times` GETs of a file whose path contains `path_contains` get `fault`.
+    pub fn body_fault(&self, path_contains: &str, fault: BodyFault, times: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .body_faults
+            .push((path_contains.to_string(), fault, times));
+    }
+
+    /// Bytes of response bodies sent so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.state.lock().unwrap().bytes_sent
     }
 
     pub fn log(&self) -> Vec<Logged> {
@@ -303,7 +387,7 @@ fn serve_connection(conn: TcpStream, state: &Arc<Mutex<State>>, endpoint: &str, 
             answer.status,
             reason(answer.status),
             answer.content_type,
-            answer.body.len()
+            answer.head_length.unwrap_or(answer.body.len() as u64)
         );
         for (k, v) in &answer.headers {
             out.push_str(&format!("{k}: {v}\r\n"));
@@ -311,13 +395,19 @@ fn serve_connection(conn: TcpStream, state: &Arc<Mutex<State>>, endpoint: &str, 
         out.push_str("\r\n");
         let mut bytes = out.into_bytes();
         if !head {
-            bytes.extend_from_slice(&answer.body);
+            let body = match answer.truncate {
+                Some(n) => &answer.body[..n.min(answer.body.len())],
+                None => &answer.body[..],
+            };
+            bytes.extend_from_slice(body);
+            state.lock().unwrap().bytes_sent += body.len() as u64;
         }
         if writer
             .write_all(&bytes)
             .and_then(|_| writer.flush())
             .is_err()
             || close
+            || answer.truncate.is_some()
         {
             return;
         }
@@ -341,6 +431,10 @@ fn reason(status: u16) -> &'static str {
 }
 
 struct Answer {
+    /// Send only this many body bytes, then close (an injected dropped connection).
+    truncate: Option<usize>,
+    /// The Content-Length of a HEAD answer, whose body is not sent (nor made).
+    head_length: Option<u64>,
     status: u16,
     body: Vec<u8>,
     headers: Vec<(String, String)>,
@@ -349,6 +443,8 @@ struct Answer {
 
 fn json_answer(status: u16, v: Value) -> Answer {
     Answer {
+        truncate: None,
+        head_length: None,
         status,
         body: serde_json::to_vec(&v).unwrap(),
         headers: Vec::new(),
@@ -414,15 +510,7 @@ fn handle(req: &Request, state: &Arc<Mutex<State>>, endpoint: &str) -> Answer {
                 let status = f.status;
                 error(status, &format!("injected failure {status}"))
             }
-            None => route(
-                &mut st,
-                &method,
-                path,
-                query,
-                auth.as_deref(),
-                body,
-                endpoint,
-            ),
+            None => route(&mut st, req, &method, path, query, endpoint),
         }
     };
     state.lock().unwrap().log.push(Logged {
@@ -465,13 +553,15 @@ fn check_write(st: &State, auth: Option<&str>, repo: &str) -> Result<(), Answer>
 
 fn route(
     st: &mut State,
+    req: &Request,
     method: &str,
     path: &str,
     query: &str,
-    auth: Option<&str>,
-    body: &[u8],
     endpoint: &str,
 ) -> Answer {
+    let auth = req.header("Authorization");
+    let range = req.header("Range");
+    let body = &req.body[..];
     let segs: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
@@ -506,10 +596,10 @@ fn route(
             };
             main.files.insert(
                 ".gitattributes".into(),
-                StoredFile {
-                    content: b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n".to_vec(),
-                    lfs: false,
-                },
+                StoredFile::new(
+                    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n".to_vec(),
+                    false,
+                ),
             );
             let mut repo = Repo {
                 private: v.get("private").and_then(Value::as_bool).unwrap_or(false),
@@ -745,6 +835,11 @@ fn route(
         ("GET" | "HEAD", [o, n, "resolve", rev, rest @ ..]) => {
             let id = format!("{o}/{n}");
             let file_path = rest.join("/");
+            if st.repos.get(&id).is_some_and(|r| r.gated) && check_auth(st, auth).is_err() {
+                let mut a = error(401, &format!("Access to model {id} is restricted. You must have access to it and be authenticated to access it. Please log in."));
+                a.headers.push(("X-Error-Code".into(), "GatedRepo".into()));
+                return a;
+            }
             let b = match branch(st, &id, rev) {
                 Ok(b) => b,
                 Err(a) => return a,
@@ -755,22 +850,67 @@ fn route(
                     .push(("X-Error-Code".into(), "EntryNotFound".into()));
                 return a;
             };
+            let commit = b.commit.clone();
+            let total = f.len();
+            // Range: bytes=a-b or bytes=a- (one range, as the Hub's CDN serves them).
+            let range = range.and_then(|r| {
+                let spec = r.strip_prefix("bytes=")?;
+                let (a, b) = spec.split_once('-')?;
+                let a: u64 = a.parse().ok()?;
+                let b: u64 = if b.is_empty() {
+                    total.saturating_sub(1)
+                } else {
+                    b.parse().ok()?
+                };
+                (a < total).then_some((a, b.min(total.saturating_sub(1))))
+            });
+            let (status, body, head_length) = match range {
+                Some((a, b)) if method == "GET" => (206, f.bytes(a, b + 1), None),
+                Some((a, b)) => (206, Vec::new(), Some(b + 1 - a)),
+                None if method == "GET" => (200, f.bytes(0, total), None),
+                None => (200, Vec::new(), Some(total)),
+            };
             let mut a = Answer {
-                status: 200,
-                body: f.content.clone(),
-                headers: vec![("X-Repo-Commit".into(), b.commit.clone())],
+                truncate: None,
+                head_length,
+                status,
+                body,
+                headers: vec![
+                    ("X-Repo-Commit".into(), commit),
+                    ("Accept-Ranges".into(), "bytes".into()),
+                ],
                 content_type: "application/octet-stream",
             };
+            if let Some((from, to)) = range {
+                a.headers
+                    .push(("Content-Range".into(), format!("bytes {from}-{to}/{total}")));
+            }
             if f.lfs {
-                let sha = sha256_hex(&f.content);
+                let sha = f.sha256();
                 a.headers.push(("ETag".into(), format!("\"{sha}\"")));
                 a.headers
                     .push(("X-Linked-Etag".into(), format!("\"{sha}\"")));
-                a.headers
-                    .push(("X-Linked-Size".into(), f.content.len().to_string()));
+                a.headers.push(("X-Linked-Size".into(), total.to_string()));
             } else {
                 a.headers
                     .push(("ETag".into(), format!("\"{}\"", git_oid(&f.content))));
+            }
+            if method == "GET" {
+                if let Some(k) = st
+                    .body_faults
+                    .iter()
+                    .position(|(p, _, n)| *n > 0 && file_path.contains(p.as_str()))
+                {
+                    st.body_faults[k].2 -= 1;
+                    match st.body_faults[k].1.clone() {
+                        BodyFault::DropAfter(n) => a.truncate = Some(n),
+                        BodyFault::Corrupt => {
+                            if let Some(x) = a.body.last_mut() {
+                                *x ^= 0xff;
+                            }
+                        }
+                    }
+                }
             }
             a
         }
@@ -784,9 +924,9 @@ fn commit_id(n: u64) -> String {
 
 fn entry_json(path: &str, f: &StoredFile) -> Value {
     if f.lfs {
-        json!({"type": "file", "path": path, "size": f.content.len(),
-               "oid": git_oid(format!("version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {}\n", sha256_hex(&f.content), f.content.len()).as_bytes()),
-               "lfs": {"oid": sha256_hex(&f.content), "size": f.content.len(), "pointerSize": 134}})
+        json!({"type": "file", "path": path, "size": f.len(),
+               "oid": git_oid(format!("version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {}\n", f.sha256(), f.len()).as_bytes()),
+               "lfs": {"oid": f.sha256(), "size": f.len(), "pointerSize": 134}})
     } else {
         json!({"type": "file", "path": path, "size": f.content.len(), "oid": git_oid(&f.content)})
     }
@@ -857,13 +997,7 @@ fn commit(
                         &format!("{p}: binary files must be uploaded through LFS"),
                     );
                 }
-                files.push((
-                    p.to_string(),
-                    StoredFile {
-                        content,
-                        lfs: false,
-                    },
-                ));
+                files.push((p.to_string(), StoredFile::new(content, false)));
             }
             Some("lfsFile") => {
                 let (Some(p), Some(oid), Some(size)) = (
@@ -874,13 +1008,9 @@ fn commit(
                     return error(400, "lfsFile entry without path, oid or size");
                 };
                 match st.lfs.get(oid) {
-                    Some(c) if c.len() as u64 == size => files.push((
-                        p.to_string(),
-                        StoredFile {
-                            content: c.clone(),
-                            lfs: true,
-                        },
-                    )),
+                    Some(c) if c.len() as u64 == size => {
+                        files.push((p.to_string(), StoredFile::new(c.clone(), true)))
+                    }
                     _ => return error(422, &format!("{p}: LFS object {oid} was never uploaded")),
                 }
             }

@@ -179,3 +179,123 @@ pub fn compare_with_reference(
     }
     outcome
 }
+
+/// The dimensions of a Llama-shaped checkpoint made of headers only.
+pub struct LlamaShape {
+    pub layers: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub vocab: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+}
+
+impl LlamaShape {
+    pub const LLAMA_3_70B: LlamaShape = LlamaShape {
+        layers: 80,
+        hidden: 8192,
+        intermediate: 28672,
+        vocab: 128256,
+        heads: 64,
+        kv_heads: 8,
+    };
+    pub const LLAMA_3_405B: LlamaShape = LlamaShape {
+        layers: 126,
+        hidden: 16384,
+        intermediate: 53248,
+        vocab: 128256,
+        heads: 128,
+        kv_heads: 8,
+    };
+}
+
+/// A safetensors header for `tensors` (name, BF16 shape) laid out one after another; with the
+/// file's whole length.
+fn bf16_header(tensors: &[(String, Vec<u64>)]) -> (Vec<u8>, u64) {
+    let mut map = serde_json::Map::new();
+    map.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for (name, shape) in tensors {
+        let len = shape.iter().product::<u64>() * 2;
+        map.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&serde_json::Value::Object(map)).expect("JSON");
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    let total = out.len() as u64 + offset;
+    (out, total)
+}
+
+/// The files of a Llama-shaped repository in `shards` shards whose data are zeros the server
+/// never holds (sparse), with config.json and the index; and the bytes of tensor data.
+pub fn llama_shaped_files(
+    shape: &LlamaShape,
+    shards: usize,
+) -> (Vec<(String, hub_server::StoredFile)>, u64) {
+    let (h, inter, vocab) = (shape.hidden, shape.intermediate, shape.vocab);
+    let kv = shape.kv_heads * (h / shape.heads);
+    let mut tensors: Vec<(String, Vec<u64>)> =
+        vec![("model.embed_tokens.weight".into(), vec![vocab, h])];
+    for i in 0..shape.layers {
+        for (n, s) in [
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, h]),
+            ("mlp.gate_proj.weight", vec![inter, h]),
+            ("mlp.up_proj.weight", vec![inter, h]),
+            ("mlp.down_proj.weight", vec![h, inter]),
+        ] {
+            tensors.push((format!("model.layers.{i}.{n}"), s));
+        }
+    }
+    tensors.push(("model.norm.weight".into(), vec![h]));
+    tensors.push(("lm_head.weight".into(), vec![vocab, h]));
+    let per = tensors.len().div_ceil(shards.max(1));
+    let count = tensors.len().div_ceil(per);
+    let mut files = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    let mut total_size = 0;
+    for (k, chunk) in tensors.chunks(per).enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", k + 1, count);
+        let (header, len) = bf16_header(chunk);
+        total_size += len - header.len() as u64;
+        for (t, _) in chunk {
+            weight_map.insert(t.clone(), serde_json::json!(name));
+        }
+        files.push((
+            name,
+            hub_server::StoredFile {
+                content: header,
+                lfs: true,
+                sparse_len: Some(len),
+                ..hub_server::StoredFile::default()
+            },
+        ));
+    }
+    let index =
+        serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+    files.push((
+        "model.safetensors.index.json".into(),
+        hub_server::StoredFile::new(serde_json::to_vec_pretty(&index).expect("JSON"), false),
+    ));
+    let config = serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": 131072, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5});
+    files.push((
+        "config.json".into(),
+        hub_server::StoredFile::new(serde_json::to_vec_pretty(&config).expect("JSON"), false),
+    ));
+    (files, total_size)
+}

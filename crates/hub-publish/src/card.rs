@@ -140,6 +140,40 @@ pub fn front_matter(card: &str) -> &str {
     }
 }
 
+/// `card` with `base_model` set in its front matter (the line replaced, or added; a card with
+/// no front matter gets one), everything else kept as it was.
+pub fn with_base_model(card: &str, base_model: &str) -> String {
+    let line = format!("base_model: \"{}\"", base_model.replace('"', ""));
+    let fm = front_matter(card);
+    if fm.is_empty() {
+        return format!("---\n{line}\n---\n{card}");
+    }
+    let start = card.find(fm).unwrap_or(0);
+    let mut lines: Vec<String> = Vec::new();
+    let mut replaced = false;
+    let mut in_list = false;
+    for l in fm.lines() {
+        if l.starts_with("base_model:") {
+            lines.push(line.clone());
+            replaced = true;
+            // A list value (`base_model:` then `- id` lines) is replaced whole.
+            in_list = l.trim_end() == "base_model:";
+            continue;
+        }
+        if in_list && (l.starts_with("- ") || l.starts_with("  ")) {
+            continue;
+        }
+        in_list = false;
+        lines.push(l.to_string());
+    }
+    if !replaced {
+        lines.insert(0, line);
+    }
+    let mut new_fm = lines.join("\n");
+    new_fm.push('\n');
+    format!("{}{new_fm}{}", &card[..start], &card[start + fm.len()..])
+}
+
 /// A top-level scalar of simple front matter (`key: value`, quoted or not).
 fn fm_value(front_matter: &str, key: &str) -> Option<String> {
     front_matter.lines().find_map(|line| {
@@ -291,5 +325,34 @@ mod tests {
             Some("text-generation")
         );
         assert_eq!(pipeline_for("Foo"), None);
+    }
+}
+
+#[cfg(test)]
+mod base_model_tests {
+    use super::*;
+
+    #[test]
+    fn base_model_is_set_in_an_existing_card_and_the_rest_kept() {
+        let card = "---\nlicense: mit\nbase_model: old/one\ntags:\n- merge\n---\n# Title\nbody\n";
+        let out = with_base_model(card, "new/base");
+        assert_eq!(
+            out,
+            "---\nlicense: mit\nbase_model: \"new/base\"\ntags:\n- merge\n---\n# Title\nbody\n"
+        );
+        let listed = "---\nbase_model:\n- a/b\n- c/d\nlicense: mit\n---\nx\n";
+        assert_eq!(
+            with_base_model(listed, "e/f"),
+            "---\nbase_model: \"e/f\"\nlicense: mit\n---\nx\n"
+        );
+        let none = "---\nlicense: mit\n---\nx\n";
+        assert_eq!(
+            with_base_model(none, "e/f"),
+            "---\nbase_model: \"e/f\"\nlicense: mit\n---\nx\n"
+        );
+        assert_eq!(
+            with_base_model("# plain\n", "e/f"),
+            "---\nbase_model: \"e/f\"\n---\n# plain\n"
+        );
     }
 }

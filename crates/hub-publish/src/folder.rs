@@ -155,6 +155,11 @@ pub fn prepare(
             let text = std::fs::read(folder.join("README.md"))
                 .map_err(|e| Error::io(folder.join("README.md"), e))?;
             let text = String::from_utf8_lossy(&text).into_owned();
+            // --base-model sets base_model in the folder's own card, keeping the rest.
+            let text = match &overrides.base_model {
+                Some(b) => crate::card::with_base_model(&text, b),
+                None => text,
+            };
             if is_weightsmith_card(&text) && text.contains(REPO_PLACEHOLDER) {
                 (
                     CardOrigin::FolderWithRepoId,

@@ -25,11 +25,13 @@
 use std::path::{Path, PathBuf};
 
 pub mod card;
+pub mod fetch;
 mod folder;
 mod hub;
 mod token;
 
 pub use card::{BaseFacts, CardAdapter, ModelCard, REPO_PLACEHOLDER};
+pub use fetch::{download, mirror_headers, DownloadProgress, FetchOptions, FetchReport, HubId};
 pub use folder::{
     prepare, validate_repo_id, CardOrigin, CardOverrides, CardPolicy, PreparedFolder, Source,
     UploadFile, HUB_MAX_FILE_BYTES,

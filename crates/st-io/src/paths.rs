@@ -106,6 +106,29 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Bytes an unprivileged writer may still use on the file system holding `dir` (None where
+/// unknown).
+#[cfg(unix)]
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stat` a buffer of the right type, which
+    // statvfs fills when it returns 0.
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    // A file system that reports no size at all (some FUSE mounts) says nothing about its
+    // free space either.
+    if stat.f_blocks == 0 {
+        return None;
+    }
+    (stat.f_bavail as u64).checked_mul(stat.f_frsize as u64)
+}
+
 /// Names a folder may hold and still be a checkpoint folder `--force` may replace.
 fn looks_like_checkpoint_file(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();

@@ -376,7 +376,7 @@ impl ShardWriter {
         // replaces counts as free: it stays until the new one is complete when both fit, and
         // is removed first when only the new one does (it is being replaced either way).
         let mut replaced_early = false;
-        if let Some(free) = free_bytes(&tmp) {
+        if let Some(free) = crate::paths::free_bytes(&tmp) {
             let replaced = if options.replace_existing && dest.is_dir() {
                 folder_bytes(&dest)
             } else {
@@ -804,34 +804,6 @@ fn folder_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-/// Bytes an unprivileged writer may still use on the file system holding `dir` (None where
-/// unknown).
-#[cfg(unix)]
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a NUL-terminated string and `stat` a buffer of the right type, which
-    // statvfs fills when it returns 0.
-    let stat = unsafe {
-        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
-            return None;
-        }
-        stat.assume_init()
-    };
-    // A file system that reports no size at all (some FUSE mounts) says nothing about its
-    // free space either.
-    if stat.f_blocks == 0 {
-        return None;
-    }
-    (stat.f_bavail as u64).checked_mul(stat.f_frsize as u64)
-}
-
-#[cfg(not(unix))]
-fn free_bytes(_: &Path) -> Option<u64> {
-    None
 }
 
 #[cfg(not(unix))]

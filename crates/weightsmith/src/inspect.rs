@@ -107,10 +107,15 @@ pub struct InspectReport {
 /// Opens and validates a checkpoint and reports on it. Invalid input is an error; oddities
 /// that do not stop the checkpoint from being used are listed in `problems`.
 pub fn inspect(path: impl AsRef<Path>, options: &InspectOptions) -> Result<InspectReport> {
-    let path = path.as_ref();
-    let checkpoint = Checkpoint::open(path)?;
+    let source = crate::source::for_headers(path.as_ref())?;
+    let checkpoint = Checkpoint::open(&source.path)?;
     let linears = st_io::quant::quantized_linears(&checkpoint)?;
-    Ok(report(path, &checkpoint, &linears, options))
+    Ok(report(
+        Path::new(&source.display()),
+        &checkpoint,
+        &linears,
+        options,
+    ))
 }
 
 fn kind_name(kind: UnitKind) -> &'static str {

@@ -14,6 +14,7 @@ pub mod merge;
 mod param_lora;
 pub mod plan;
 pub mod publish;
+pub mod source;
 
 pub use inspect::{inspect, InspectOptions, InspectReport};
 pub use load::{load, LoadOptions, LoadReport, LoadedModel, LoadedQuantizedLinear};

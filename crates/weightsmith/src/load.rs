@@ -192,8 +192,9 @@ pub fn load(
     options: &LoadOptions,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel> {
-    let path = path.as_ref();
     let started = Instant::now();
+    let source = crate::source::for_model(path.as_ref())?;
+    let path = source.path.as_path();
     let checkpoint = Checkpoint::open(path)?;
     checkpoint.require_complete()?;
     let linears = st_io::quant::quantized_linears(&checkpoint)?;

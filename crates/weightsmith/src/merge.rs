@@ -175,10 +175,23 @@ pub fn merge(
     progress: &mut dyn FnMut(MergeProgress),
 ) -> Result<MergeReport> {
     let started = Instant::now();
-    let base_path = base_path.as_ref();
     if options.adapters.is_empty() {
         return Err(Error::Usage("give at least one --adapter".into()));
     }
+    if options.out.exists() && !options.force {
+        return Err(st_io::Error::DestinationExists {
+            path: options.out.clone(),
+        }
+        .into());
+    }
+    // A base or adapter named by Hub id is downloaded into the Hugging Face cache first.
+    let base_source = crate::source::for_model(base_path.as_ref())?;
+    let adapter_sources: Vec<crate::source::Source> = options
+        .adapters
+        .iter()
+        .map(|(p, _)| crate::source::for_adapter(p))
+        .collect::<Result<_>>()?;
+    let base_path = base_source.path.as_path();
     // `auto` is the first GPU when one is usable, else the CPU: both give the same bits, and
     // on the H100 machine both run at the disk's pace for an 8B model (the GPU does the
     // arithmetic in about 3 s of the 17, leaving the cores free). A GPU that cannot be set up
@@ -204,7 +217,7 @@ pub fn merge(
     // The files inside each input count too: a Hugging Face cache snapshot's files are
     // symbolic links into its blobs folder.
     let mut inputs: Vec<PathBuf> = vec![base_path.to_path_buf()];
-    inputs.extend(options.adapters.iter().map(|(p, _)| p.clone()));
+    inputs.extend(adapter_sources.iter().map(|s| s.path.clone()));
     let inside: Vec<PathBuf> = inputs
         .iter()
         .filter_map(|p| std::fs::read_dir(p).ok())
@@ -241,10 +254,10 @@ pub fn merge(
         .iter()
         .map(|l| GptqLayer::from_checkpoint(&base, l))
         .collect::<std::result::Result<_, _>>()?;
-    let adapters: Vec<(LoraAdapter, f64)> = options
-        .adapters
+    let adapters: Vec<(LoraAdapter, f64)> = adapter_sources
         .iter()
-        .map(|(p, w)| LoraAdapter::open(p).map(|a| (a, *w)))
+        .zip(&options.adapters)
+        .map(|(s, (_, w))| LoraAdapter::open(&s.path).map(|a| (a, *w)))
         .collect::<std::result::Result<_, _>>()?;
     if adapters.len() > 1 && adapters.iter().any(|(a, _)| a.config.use_dora) {
         return Err(Error::Usage(
@@ -442,11 +455,15 @@ pub fn merge(
             replaced_tensors: a.replacements.keys().cloned().collect(),
         })
         .collect();
-    let adapter_base = options.base_model.clone().or_else(|| {
-        adapters
-            .iter()
-            .find_map(|(a, _)| a.config.base_model_name_or_path.clone())
-    });
+    let adapter_base = options
+        .base_model
+        .clone()
+        .or_else(|| base_source.hub.as_ref().map(|id| id.repo.clone()))
+        .or_else(|| {
+            adapters
+                .iter()
+                .find_map(|(a, _)| a.config.base_model_name_or_path.clone())
+        });
     let card = merge_card(&root, adapter_base.as_deref(), &summaries, out_dtype);
     writer.add_file("README.md", card.as_bytes())?;
     if cancelled() {
@@ -472,7 +489,7 @@ pub fn merge(
     };
     Ok(MergeReport {
         schema_version: MERGE_SCHEMA_VERSION,
-        base: base_path.display().to_string(),
+        base: base_source.display(),
         out: options.out.display().to_string(),
         dtype: out_dtype.to_string(),
         device: device.to_string(),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use planner::{
     CacheDtype, CacheSpec, DeviceSpec, ModelDims, Placement, Plan, PlanRequest, Strategy, UnitSpec,
@@ -116,8 +116,10 @@ pub fn parse_gpu_split(text: &str) -> Result<Vec<u64>> {
 
 /// Plans where a checkpoint's units go. Reads only headers and config.json.
 pub fn plan_checkpoint(path: impl AsRef<Path>, options: &PlanOptions) -> Result<PlanReport> {
-    let path = path.as_ref();
-    let checkpoint = Checkpoint::open(path)?;
+    let source = crate::source::for_headers(path.as_ref())?;
+    let shown = PathBuf::from(source.display());
+    let path = shown.as_path();
+    let checkpoint = Checkpoint::open(&source.path)?;
     checkpoint.require_complete()?;
     let devices = match &options.devices {
         DeviceChoice::Simulated(c) if !c.is_empty() => c

@@ -20,7 +20,9 @@ struct Cli {
 enum Command {
     /// Show a checkpoint's files, tensors, dtypes, placement units, config facts and problems.
     Inspect {
-        /// A .safetensors file or a Hugging Face model folder.
+        /// A .safetensors file, a Hugging Face model folder, or a Hub id OWNER/NAME[@REVISION]
+        /// (read header-only: config, index and each shard's header by HTTP Range). A local
+        /// path of that name always wins.
         model: PathBuf,
         /// Print one JSON document (schema in the README) instead of text.
         #[arg(long)]
@@ -108,10 +110,13 @@ struct LoadArgs {
 
 #[derive(clap::Args)]
 struct MergeArgs {
-    /// The base model folder (or .safetensors file).
+    /// The base model folder (or .safetensors file), or a Hub id OWNER/NAME[@REVISION],
+    /// downloaded into the Hugging Face cache (HF_HUB_CACHE) when no local path of that name
+    /// exists.
     #[arg(long)]
     base: PathBuf,
-    /// A PEFT LoRA adapter folder, optionally with a weight: DIR or DIR:0.5. Repeat to merge several.
+    /// A PEFT LoRA adapter folder or Hub id, optionally with a weight: DIR or DIR:0.5. Repeat to
+    /// merge several. A local path always wins over a Hub id.
     #[arg(long = "adapter", required = true)]
     adapters: Vec<String>,
     /// The output folder (refused if it exists, unless --force).
@@ -147,7 +152,9 @@ struct MergeArgs {
 
 #[derive(clap::Args)]
 struct PlanArgs {
-    /// A .safetensors file or a Hugging Face model folder.
+    /// A .safetensors file, a Hugging Face model folder, or a Hub id OWNER/NAME[@REVISION]
+    /// (`plan` reads its headers only; `load` downloads it into the Hugging Face cache). A local
+    /// path of that name always wins.
     model: PathBuf,
     /// GPUs: `auto` (this machine's) or simulated capacities, e.g. 24GiB,24GiB.
     #[arg(long, default_value = "auto")]
@@ -189,6 +196,7 @@ struct PlanArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    download_bar();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -200,6 +208,29 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A progress bar (bytes, rate, ETA) for downloads from the Hub, on a terminal.
+fn download_bar() {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    weightsmith::source::set_download_progress(Some(Box::new(move |repo, p| {
+        bar.set_length(p.total_bytes);
+        bar.set_position(p.done_bytes);
+        bar.set_message(format!("{repo}: {}/{} files", p.files_done, p.files_total));
+        if p.files_done == p.files_total {
+            bar.finish_and_clear();
+        }
+    })));
 }
 
 /// Ctrl-C (SIGINT), SIGTERM and SIGHUP during a merge: the first sets the merge's cancel flag,
