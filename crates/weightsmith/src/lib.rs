@@ -8,6 +8,8 @@
 //! The verbs: [`inspect()`], [`plan_checkpoint`], [`load()`], [`merge()`] and [`publish()`].
 
 mod card;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod inspect;
 pub mod load;
 pub mod merge;

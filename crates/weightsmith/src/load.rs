@@ -183,6 +183,8 @@ pub struct LoadOptions {
     pub verify: bool,
     /// Skip the registered path (to measure the others).
     pub no_register: bool,
+    /// Load into host memory even where GPUs are present.
+    pub host_only: bool,
 }
 
 /// Plans, checks, allocates and copies. Any failure frees everything already allocated and
@@ -199,8 +201,14 @@ pub fn load(
     checkpoint.require_complete()?;
     let linears = st_io::quant::quantized_linears(&checkpoint)?;
     check_architecture(&checkpoint, &linears)?;
-    let infos = gpu_mem::discover()?;
-    let backend = if infos.is_empty() {
+    let infos = if options.host_only {
+        Vec::new()
+    } else {
+        gpu_mem::discover()?
+    };
+    let backend = if options.host_only {
+        "host".to_string()
+    } else if infos.is_empty() {
         "host (no NVIDIA driver)".to_string()
     } else {
         "cuda".to_string()
