@@ -1,9 +1,10 @@
 """The peers of `weightsmith load`, timed inside Python (imports excluded), GB/s printed as
 JSON lines: safetensors.torch.load_file(device="cuda:0") over every shard, transformers
-from_pretrained(device_map="cuda:0"), and a plain pinned-memory copy of the same bytes (the
-ceiling).
+from_pretrained(device_map="cuda:0"), a plain pinned-memory copy of the same bytes (the
+ceiling), and weightsmith's Python package (`weightsmith.load`: torch tensors on cuda:0,
+zero-copy through DLPack; `weightsmith-transformers`: its transformers loader).
 
-    python3 scripts/load_peers.py MODEL_DIR safetensors|transformers|pinned LABEL
+    python3 scripts/load_peers.py MODEL_DIR safetensors|transformers|pinned|weightsmith|weightsmith-transformers LABEL
 """
 
 import json
@@ -23,6 +24,12 @@ t0 = time.time()
 if which == "safetensors":
     from safetensors.torch import load_file
     keep = [load_file(f, device="cuda:0") for f in files]
+elif which == "weightsmith":
+    import weightsmith
+    keep = weightsmith.load(model, as_torch=True)
+elif which == "weightsmith-transformers":
+    from weightsmith.transformers import from_pretrained
+    keep = from_pretrained(model)
 elif which == "transformers":
     from transformers import AutoModelForCausalLM
     keep = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, device_map="cuda:0")
