@@ -345,3 +345,26 @@ fn auto_devices_are_this_machines_gpus_or_a_clear_message() {
         assert_eq!(j["devices"][0]["capacity_bytes"], gpus[0].free_bytes);
     }
 }
+
+/// Sizes past u64 are refused as not fitting, never wrapped into a small plan, and `load` does
+/// not abort on them (issue #26's repros).
+#[test]
+fn a_cache_past_u64_is_refused_not_wrapped() {
+    let model = fixture("models/tiny-llama");
+    let model = model.to_str().unwrap();
+    let o = weightsmith(&[
+        "plan",
+        model,
+        "--devices",
+        "1GiB",
+        "--cache-seq-len",
+        "18446744073709551615",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not fit"), "{err}");
+    let o = weightsmith(&["load", model, "--cache-seq-len", "18446744073709551615"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

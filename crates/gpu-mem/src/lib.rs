@@ -87,12 +87,18 @@ pub enum Error {
     Cuda { call: &'static str, code: String },
     #[error("read at file offset {offset} failed: {message}")]
     Read { offset: u64, message: String },
+    #[error("cannot allocate {} of host memory", format_bytes(*bytes))]
+    HostAlloc { bytes: u64 },
     #[error("copy of {len} bytes at offset {offset} runs past a {size}-byte allocation")]
     OutOfBounds {
         offset: usize,
         len: usize,
         size: usize,
     },
+}
+
+fn format_bytes(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
 #[cfg(test)]

@@ -57,10 +57,16 @@ impl CacheDtype {
             CacheDtype::Q4 => 4,
         };
         let scales = match self {
-            CacheDtype::Q8 | CacheDtype::Q6 | CacheDtype::Q4 => elements.div_ceil(QUANT_GROUP) * 2,
+            CacheDtype::Q8 | CacheDtype::Q6 | CacheDtype::Q4 => {
+                elements.div_ceil(QUANT_GROUP).saturating_mul(2)
+            }
             _ => 0,
         };
-        (elements as u128 * value_bits as u128).div_ceil(8) as u64 + scales
+        // Sizes past u64 saturate: no device holds them, so the plan says it does not fit
+        // (never a wrapped, small number).
+        u64::try_from((elements as u128 * value_bits as u128).div_ceil(8))
+            .unwrap_or(u64::MAX)
+            .saturating_add(scales)
     }
 }
 
@@ -110,10 +116,10 @@ impl ModelDims {
             }
         }
         let elements = 2u128
-            * self.kv_heads as u128
-            * self.head_dim as u128
-            * positions as u128
-            * cache.batch as u128;
+            .saturating_mul(self.kv_heads as u128)
+            .saturating_mul(self.head_dim as u128)
+            .saturating_mul(positions as u128)
+            .saturating_mul(cache.batch as u128);
         cache.dtype.bytes_for(elements.min(u64::MAX as u128) as u64)
     }
 }
@@ -127,14 +133,19 @@ pub const PREFILL_CHUNK: u64 = 2048;
 /// ([`CONTEXT_BYTES`]) plus activation scratch for one prefill chunk,
 /// batch × min(seq_len, 2048) × (4·hidden + 2·intermediate) × 2 bytes.
 pub fn default_overhead_bytes(dims: &ModelDims, cache: &CacheSpec) -> u64 {
-    let tokens = cache.batch.max(1) * cache.seq_len.clamp(1, PREFILL_CHUNK);
-    CONTEXT_BYTES + tokens * (4 * dims.hidden_size + 2 * dims.intermediate_size) * 2
+    let tokens = cache.batch.max(1) as u128 * cache.seq_len.clamp(1, PREFILL_CHUNK) as u128;
+    let per_token = 4 * dims.hidden_size as u128 + 2 * dims.intermediate_size as u128;
+    let scratch = tokens.saturating_mul(per_token).saturating_mul(2);
+    u64::try_from(scratch.saturating_add(CONTEXT_BYTES as u128)).unwrap_or(u64::MAX)
 }
 
 /// The extra scratch of the GPU that holds the head: f32 logits of the last position of each
 /// sequence, batch × vocab × 4 bytes.
 pub fn head_scratch_bytes(dims: &ModelDims, cache: &CacheSpec) -> u64 {
-    cache.batch.max(1) * dims.vocab_size * 4
+    let bytes = (cache.batch.max(1) as u128)
+        .saturating_mul(dims.vocab_size as u128)
+        .saturating_mul(4);
+    u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

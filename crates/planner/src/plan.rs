@@ -203,7 +203,7 @@ fn prepare(req: &PlanRequest) -> Result<Prepared, Error> {
         .iter()
         .filter(|u| u.kind == UnitKind::Embedding)
         .map(|u| u.weight_bytes)
-        .sum();
+        .fold(0u64, u64::saturating_add);
     let mut weights = Vec::with_capacity(req.units.len());
     let mut caches = Vec::with_capacity(req.units.len());
     for u in &req.units {
@@ -243,7 +243,12 @@ fn prepare(req: &PlanRequest) -> Result<Prepared, Error> {
     if let Some(last) = layers.pop() {
         tail.insert(0, last);
     }
-    let load = |ids: &[usize]| ids.iter().map(|&i| weights[i] + caches[i]).sum::<u64>();
+    // Saturating: a size past u64 fits no device and is refused as not fitting.
+    let load = |ids: &[usize]| {
+        ids.iter().fold(0u64, |a, &i| {
+            a.saturating_add(weights[i].saturating_add(caches[i]))
+        })
+    };
     let single = |&i: &usize| Item {
         units: vec![i],
         load: load(&[i]),
@@ -255,7 +260,7 @@ fn prepare(req: &PlanRequest) -> Result<Prepared, Error> {
         let scratch = if holds_head { head_scratch } else { 0 };
         head_item = holds_head.then_some(items.len());
         items.push(Item {
-            load: load(&tail) + scratch,
+            load: load(&tail).saturating_add(scratch),
             units: tail,
         });
     }
@@ -331,14 +336,14 @@ fn greedy(items: &[Item], budgets: &[i128]) -> Assignment {
     let mut out = Vec::with_capacity(items.len());
     let (mut device, mut used) = (0usize, 0u64);
     for (i, item) in items.iter().enumerate() {
-        while device < budgets.len() && (used + item.load) as i128 > budgets[device] {
+        while device < budgets.len() && used as i128 + item.load as i128 > budgets[device] {
             device += 1;
             used = 0;
         }
         if device == budgets.len() {
             return Err(i);
         }
-        used += item.load;
+        used = used.saturating_add(item.load);
         out.push(device);
     }
     Ok(out)
@@ -374,7 +379,9 @@ fn fill(items: &[Item], budgets: &[i128], r: Ratio) -> (Vec<usize>, Vec<(u64, us
         }
         let b = budget as u64;
         while next < items.len() {
-            let after = used + items[next].load;
+            let Some(after) = used.checked_add(items[next].load) else {
+                break;
+            };
             if after > b
                 || !(Ratio {
                     num: after as u128,
@@ -411,13 +418,13 @@ fn balanced(items: &[Item], budgets: &[i128]) -> Assignment {
         for (d, &(used, next)) in ranges.iter().enumerate() {
             if next >= items.len()
                 || budgets[d] <= 0
-                || (used + items[next].load) as i128 > budgets[d]
+                || used as i128 + items[next].load as i128 > budgets[d]
             {
                 continue;
             }
             let b = budgets[d] as u64;
             let candidate = Ratio {
-                num: (used + items[next].load) as u128,
+                num: used as u128 + items[next].load as u128,
                 den: b as u128,
             };
             if candidate.lt(r) || (!r.lt(candidate) && !candidate.lt(r)) {
@@ -447,7 +454,10 @@ fn manual_layers(req: &PlanRequest, p: &Prepared, counts: &[u64]) -> Result<Assi
             devices: req.devices.len(),
         });
     }
-    let total: u64 = counts.iter().sum();
+    let total: u64 = counts
+        .iter()
+        .try_fold(0u64, |a, &c| a.checked_add(c))
+        .unwrap_or(u64::MAX);
     if total != layers {
         return Err(Error::LayerCountMismatch {
             given: total,
@@ -490,7 +500,7 @@ fn manual_layers(req: &PlanRequest, p: &Prepared, counts: &[u64]) -> Result<Assi
     }
     let mut used = vec![0u64; req.devices.len()];
     for (i, &d) in out.iter().enumerate() {
-        used[d] += p.items[i].load;
+        used[d] = used[d].saturating_add(p.items[i].load);
         if used[d] as i128 > p.budgets[d] {
             return Ok(Err(i));
         }
@@ -499,13 +509,17 @@ fn manual_layers(req: &PlanRequest, p: &Prepared, counts: &[u64]) -> Result<Assi
 }
 
 fn does_not_fit(req: &PlanRequest, p: &Prepared, failed_item: usize) -> Error {
-    let needed: u64 =
-        p.items.iter().map(|i| i.load).sum::<u64>() + p.base_overheads.iter().sum::<u64>();
+    let needed: u64 = p
+        .items
+        .iter()
+        .map(|i| i.load)
+        .chain(p.base_overheads.iter().copied())
+        .fold(0u64, u64::saturating_add);
     let available: u64 = req
         .devices
         .iter()
-        .map(|d| d.capacity_bytes - d.reserve_bytes)
-        .sum();
+        .map(|d| d.capacity_bytes.saturating_sub(d.reserve_bytes))
+        .fold(0u64, u64::saturating_add);
     let first = p.items[failed_item]
         .units
         .first()
@@ -543,16 +557,16 @@ fn assemble(req: &PlanRequest, p: &Prepared, assignment: &[usize]) -> Plan {
         })
         .collect();
     let mut units = Vec::with_capacity(req.units.len());
-    let mut host_bytes = 0;
+    let mut host_bytes: u64 = 0;
     for (i, u) in req.units.iter().enumerate() {
         match unit_device[i] {
             Placement::Device(d) => {
                 let dev = &mut devices[d];
-                dev.weight_bytes += p.weights[i];
-                dev.cache_bytes += p.caches[i];
+                dev.weight_bytes = dev.weight_bytes.saturating_add(p.weights[i]);
+                dev.cache_bytes = dev.cache_bytes.saturating_add(p.caches[i]);
                 dev.units.push(u.name.clone());
             }
-            Placement::Host => host_bytes += p.weights[i],
+            Placement::Host => host_bytes = host_bytes.saturating_add(p.weights[i]),
         }
         units.push(PlannedUnit {
             name: u.name.clone(),
@@ -566,11 +580,14 @@ fn assemble(req: &PlanRequest, p: &Prepared, assignment: &[usize]) -> Plan {
         if !dev.units.is_empty() {
             dev.overhead_bytes = p.base_overheads[dev.index];
             if head_device == Some(dev.index) {
-                dev.overhead_bytes += p.head_scratch;
+                dev.overhead_bytes = dev.overhead_bytes.saturating_add(p.head_scratch);
             }
         }
         dev.free_after_bytes = dev.capacity_bytes.saturating_sub(
-            dev.reserve_bytes + dev.weight_bytes + dev.cache_bytes + dev.overhead_bytes,
+            dev.reserve_bytes
+                .saturating_add(dev.weight_bytes)
+                .saturating_add(dev.cache_bytes)
+                .saturating_add(dev.overhead_bytes),
         );
     }
     debug_assert!(p

@@ -393,3 +393,101 @@ proptest! {
         }
     }
 }
+
+/// Requests whose every number ranges over all of u64: sizes from a file, a flag or a device.
+fn huge_request() -> impl Strategy<Value = PlanRequest> {
+    let any_u64 = prop_oneof![any::<u64>(), 0u64..4096, Just(u64::MAX), Just(u64::MAX / 2)];
+    (
+        prop::collection::vec(any_u64.clone(), 0..6),
+        (
+            any_u64.clone(),
+            any_u64.clone(),
+            any_u64.clone(),
+            any_u64.clone(),
+            any_u64.clone(),
+        ),
+        (
+            any_u64.clone(),
+            any_u64.clone(),
+            prop::sample::select(CacheDtype::ALL.to_vec()),
+        ),
+        prop::collection::vec(
+            (any_u64.clone(), any_u64.clone(), prop::option::of(any_u64)),
+            1..4,
+        ),
+        prop::sample::select(vec![Policy::Greedy, Policy::Balanced]),
+    )
+        .prop_map(
+            |(
+                layers,
+                (kv, hd, hidden, inter, vocab),
+                (seq_len, batch, dtype),
+                devices,
+                strategy,
+            )| {
+                let mut units: Vec<UnitSpec> = layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| UnitSpec {
+                        name: format!("layers.{i}"),
+                        kind: UnitKind::Layer(i as u64),
+                        weight_bytes: b,
+                    })
+                    .collect();
+                units.push(UnitSpec {
+                    name: "head".into(),
+                    kind: UnitKind::Head,
+                    weight_bytes: vocab,
+                });
+                PlanRequest {
+                    units,
+                    dims: ModelDims {
+                        kv_heads: kv,
+                        head_dim: hd,
+                        hidden_size: hidden,
+                        intermediate_size: inter,
+                        vocab_size: vocab,
+                        ..ModelDims::default()
+                    },
+                    cache: CacheSpec {
+                        seq_len,
+                        batch,
+                        dtype,
+                    },
+                    devices: devices
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (cap, reserve, overhead))| DeviceSpec {
+                            name: format!("cuda:{i}"),
+                            capacity_bytes: cap,
+                            reserve_bytes: reserve.min(cap),
+                            overhead_bytes: overhead,
+                        })
+                        .collect(),
+                    strategy,
+                    embedding_on_host: false,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever the numbers, the planner answers (no panic, no wrapped size), and a plan that
+    /// says it fits does fit: each device's units, cache and overhead, summed in u128, are
+    /// within its capacity after the reserve.
+    #[test]
+    fn plans_over_the_whole_u64_range_never_panic_and_fit_when_they_say_so(req in huge_request()) {
+        if let Ok(p) = plan(&req) {
+            for d in &p.devices {
+                let mut sum: u128 = d.reserve_bytes as u128 + d.overhead_bytes as u128;
+                for u in p.units.iter().filter(|u| u.device == Placement::Device(d.index)) {
+                    sum += u.weight_bytes as u128 + u.cache_bytes as u128;
+                }
+                prop_assert!(sum <= d.capacity_bytes as u128, "{} holds {} of {}", d.name, sum, d.capacity_bytes);
+                prop_assert_eq!(d.weight_bytes as u128 + d.cache_bytes as u128 + d.overhead_bytes as u128 + d.reserve_bytes as u128 + d.free_after_bytes as u128, d.capacity_bytes as u128);
+            }
+        }
+    }
+}

@@ -30,7 +30,15 @@ impl Buffer {
         len: usize,
     ) -> std::result::Result<Buffer, gpu_mem::Error> {
         match device {
-            Device::Host => Ok(Buffer::Host(vec![0u8; len])),
+            Device::Host => {
+                // Fallible: a size from a file or a flag that memory cannot hold is an error,
+                // not an abort.
+                let mut v = Vec::new();
+                v.try_reserve_exact(len)
+                    .map_err(|_| gpu_mem::Error::HostAlloc { bytes: len as u64 })?;
+                v.resize(len, 0);
+                Ok(Buffer::Host(v))
+            }
             Device::Cuda(n) => {
                 let ctx = contexts.get(&n).ok_or(gpu_mem::Error::NoDriver)?;
                 DeviceAlloc::new(ctx, len).map(Buffer::Cuda)
