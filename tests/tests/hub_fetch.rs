@@ -50,6 +50,21 @@ fn files_of(dir: &Path) -> Vec<(String, StoredFile)> {
     out
 }
 
+/// `merge --base org/tiny-llama --adapter org/tiny-lora --out OUT` and `extra`.
+fn merge_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "merge",
+        "--base",
+        "org/tiny-llama",
+        "--adapter",
+        "org/tiny-lora",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn server_with_tiny_llama() -> HubServer {
     let server = HubServer::start(TOKEN, Transfer::Basic);
     server.put_repo(
@@ -145,18 +160,7 @@ fn merges_from_the_hub_into_the_cache_that_python_reads() {
     let o = run(
         &server,
         cache.path(),
-        &[
-            "merge",
-            "--base",
-            "org/tiny-llama",
-            "--adapter",
-            "org/tiny-lora",
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--json",
-        ],
+        &merge_args(&out, &["--device", "cpu", "--json"]),
         &[],
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -236,17 +240,7 @@ fn merges_from_the_hub_into_the_cache_that_python_reads() {
     let o = run(
         &server,
         cache.path(),
-        &[
-            "merge",
-            "--base",
-            "org/tiny-llama",
-            "--adapter",
-            "org/tiny-lora",
-            "--out",
-            again.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
+        &merge_args(&again, &["--device", "cpu"]),
         &[],
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -291,17 +285,7 @@ fn uses_what_python_downloaded_offline_with_no_request() {
     let o = run(
         &server,
         cache.path(),
-        &[
-            "merge",
-            "--base",
-            "org/tiny-llama",
-            "--adapter",
-            "org/tiny-lora",
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
+        &merge_args(&out, &["--device", "cpu"]),
         &offline,
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -353,20 +337,7 @@ fn a_dropped_download_resumes_and_a_corrupted_one_is_refetched_or_refused() {
     let cache = tempfile::tempdir().unwrap();
     server.body_fault("model-00001-of-00003", BodyFault::Corrupt, 2);
     let out = work.path().join("m");
-    let o = run(
-        &server,
-        cache.path(),
-        &[
-            "merge",
-            "--base",
-            "org/tiny-llama",
-            "--adapter",
-            "org/tiny-lora",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = run(&server, cache.path(), &merge_args(&out, &[]), &[]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         text(&o).contains("model-00001-of-00003.safetensors") && text(&o).contains("refused"),

@@ -56,6 +56,20 @@ fn units_strategy() -> impl Strategy<Value = Vec<UnitSpec>> {
         })
 }
 
+/// Devices `cuda:0…` from (capacity, reserve, overhead); a reserve is at most the capacity.
+fn gpus(specs: impl IntoIterator<Item = (u64, u64, Option<u64>)>) -> Vec<DeviceSpec> {
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (cap, reserve, overhead))| DeviceSpec {
+            name: format!("cuda:{i}"),
+            capacity_bytes: cap,
+            reserve_bytes: reserve.min(cap),
+            overhead_bytes: overhead,
+        })
+        .collect()
+}
+
 fn request_strategy(max_devices: usize) -> impl Strategy<Value = PlanRequest> {
     (
         units_strategy(),
@@ -85,16 +99,11 @@ fn request_strategy(max_devices: usize) -> impl Strategy<Value = PlanRequest> {
                         batch,
                         dtype,
                     },
-                    devices: devices
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, (cap, reserve, overhead))| DeviceSpec {
-                            name: format!("cuda:{i}"),
-                            capacity_bytes: cap,
-                            reserve_bytes: reserve.min(cap),
-                            overhead_bytes: Some(overhead),
-                        })
-                        .collect(),
+                    devices: gpus(
+                        devices
+                            .into_iter()
+                            .map(|(cap, reserve, overhead)| (cap, reserve, Some(overhead))),
+                    ),
                     strategy: Policy::Greedy,
                     embedding_on_host: on_host,
                 }
@@ -454,16 +463,7 @@ fn huge_request() -> impl Strategy<Value = PlanRequest> {
                         batch,
                         dtype,
                     },
-                    devices: devices
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, (cap, reserve, overhead))| DeviceSpec {
-                            name: format!("cuda:{i}"),
-                            capacity_bytes: cap,
-                            reserve_bytes: reserve.min(cap),
-                            overhead_bytes: overhead,
-                        })
-                        .collect(),
+                    devices: gpus(devices),
                     strategy,
                     embedding_on_host: false,
                 }

@@ -452,6 +452,22 @@ fn split_key(rest: &str) -> Option<(&str, &'static str)> {
     None
 }
 
+/// LoRA factors are F32, F16 or BF16; otherwise the message names the tensor.
+fn lora_float_dtypes(a: &TensorInfo, b: &TensorInfo) -> std::result::Result<(), String> {
+    for t in [a, b] {
+        if !matches!(
+            t.dtype,
+            crate::Dtype::F32 | crate::Dtype::F16 | crate::Dtype::BF16
+        ) {
+            return Err(format!(
+                "\"{}\" is {}; LoRA weights must be F32, F16 or BF16",
+                t.name, t.dtype
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl LoraAdapter {
     /// Opens an adapter folder (or its `adapter_model.safetensors`).
     pub fn open(path: impl AsRef<Path>) -> Result<LoraAdapter> {
@@ -565,17 +581,7 @@ impl LoraAdapter {
                         a.shape, b.shape
                     )));
                 }
-                for t in [&a, &b] {
-                    if !matches!(
-                        t.dtype,
-                        crate::Dtype::F32 | crate::Dtype::F16 | crate::Dtype::BF16
-                    ) {
-                        return Err(bad(format!(
-                            "\"{}\" is {}; LoRA weights must be F32, F16 or BF16",
-                            t.name, t.dtype
-                        )));
-                    }
-                }
+                lora_float_dtypes(&a, &b).map_err(bad)?;
                 parameter_loras.insert(
                     (unwrapped.to_string(), depth),
                     ParamLora {
@@ -618,17 +624,7 @@ impl LoraAdapter {
                     a.shape, b.shape
                 )));
             }
-            for t in [&a, &b] {
-                if !matches!(
-                    t.dtype,
-                    crate::Dtype::F32 | crate::Dtype::F16 | crate::Dtype::BF16
-                ) {
-                    return Err(bad(format!(
-                        "\"{}\" is {}; LoRA weights must be F32, F16 or BF16",
-                        t.name, t.dtype
-                    )));
-                }
-            }
+            lora_float_dtypes(&a, &b).map_err(bad)?;
             let magnitude = p.remove("lora_magnitude_vector");
             if magnitude.is_some() != config.use_dora && kind == LoraKind::Linear {
                 return Err(bad(if config.use_dora {

@@ -575,8 +575,13 @@ pub fn is_token_embedding(name: &str) -> bool {
         "tok_embeddings",
         "embed_in",
     ];
+    module_has_part(name, TOKEN)
+}
+
+/// Whether a component of the tensor's module path is one of `parts`.
+fn module_has_part(name: &str, parts: &[&str]) -> bool {
     let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
-    module.split('.').any(|p| TOKEN.contains(&p))
+    module.split('.').any(|p| parts.contains(&p))
 }
 
 /// Position and token-type embeddings (`wpe`, `embed_positions`, …).
@@ -587,8 +592,7 @@ pub fn is_position_embedding(name: &str) -> bool {
         "position_embeddings",
         "token_type_embeddings",
     ];
-    let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
-    module.split('.').any(|p| POSITION.contains(&p))
+    module_has_part(name, POSITION)
 }
 
 #[cfg(test)]

@@ -352,15 +352,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Command::Publish(args) => {
-            let mut opts = publish_options(&args.repo, &args.hub)?;
-            opts.dry_run = args.dry_run;
-            if args.card {
-                opts.card = crate::publish::CardPolicy::Generate;
-            }
-            opts.card_overrides = crate::publish::CardOverrides {
-                base_model: args.base_model.clone(),
-                license: args.license.clone(),
-            };
+            let opts = publish_command_options(&args)?;
             let summary = run_publish(&args.dir, &opts, args.json)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -433,6 +425,22 @@ fn publish_options(
             opts.hub.retry.base_delay = std::time::Duration::from_millis(ms);
         }
     }
+    Ok(opts)
+}
+
+/// `publish`'s options from its flags: the Hub's, the dry run and the card.
+fn publish_command_options(
+    args: &PublishArgs,
+) -> Result<crate::PublishOptions, Box<dyn std::error::Error>> {
+    let mut opts = publish_options(&args.repo, &args.hub)?;
+    opts.dry_run = args.dry_run;
+    if args.card {
+        opts.card = crate::publish::CardPolicy::Generate;
+    }
+    opts.card_overrides = crate::publish::CardOverrides {
+        base_model: args.base_model.clone(),
+        license: args.license.clone(),
+    };
     Ok(opts)
 }
 
@@ -751,15 +759,7 @@ pub fn report_json(
                 serde_json::to_string(&report)?
             }
             Command::Publish(args) => {
-                let mut opts = publish_options(&args.repo, &args.hub)?;
-                opts.dry_run = args.dry_run;
-                if args.card {
-                    opts.card = crate::publish::CardPolicy::Generate;
-                }
-                opts.card_overrides = crate::publish::CardOverrides {
-                    base_model: args.base_model.clone(),
-                    license: args.license.clone(),
-                };
+                let opts = publish_command_options(&args)?;
                 serde_json::to_string(&crate::publish(&args.dir, &opts, &|_| {})?)?
             }
             Command::Load(_) => {

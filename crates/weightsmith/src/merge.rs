@@ -528,7 +528,8 @@ fn resized_vocab(base: &Checkpoint, jobs: &[Job]) -> Option<u64> {
         .find(|&v| v != config_vocab && v > 1)
 }
 
-fn module_error(adapter: &LoraAdapter, module: &str, message: String) -> Error {
+/// An error about one module of an adapter, naming its weights file.
+pub(crate) fn module_error(adapter: &LoraAdapter, module: &str, message: String) -> Error {
     st_io::Error::BadAdapterModule {
         file: adapter.path.join(st_io::adapter::ADAPTER_WEIGHTS_NAME),
         module: module.to_string(),

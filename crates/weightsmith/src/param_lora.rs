@@ -18,7 +18,8 @@ use lora_kernels::to_f32_vec;
 use st_io::arch::{self, ExpertBlock, Family};
 use st_io::LoraAdapter;
 
-use crate::{Error, Result};
+use crate::merge::module_error;
+use crate::Result;
 
 /// A LoRA product for one on-disk tensor, in the shape the merge kernels take.
 pub(crate) struct ParamTerm {
@@ -37,15 +38,6 @@ pub(crate) struct ParamTerm {
 
 /// The largest block-diagonal factor built for a whole 3-D parameter on disk (bytes).
 const MAX_FACTOR_BYTES: usize = 1 << 30;
-
-fn module_error(adapter: &LoraAdapter, module: &str, message: String) -> Error {
-    st_io::Error::BadAdapterModule {
-        file: adapter.path.join(st_io::adapter::ADAPTER_WEIGHTS_NAME),
-        module: module.to_string(),
-        message,
-    }
-    .into()
-}
 
 /// The LoRA-on-parameters term of on-disk tensor `name` (shape `shape`), if the adapter has one.
 pub(crate) fn parameter_term(
