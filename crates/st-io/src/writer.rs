@@ -326,6 +326,8 @@ pub struct ShardWriter {
     disk_wait: std::time::Duration,
     /// The folder being replaced was removed before writing, to make room.
     replaced_early: bool,
+    /// Temporary folders of earlier, dead runs for this destination, removed, with their bytes.
+    removed_leftovers: Vec<(PathBuf, u64)>,
 }
 
 /// Whether a checkpoint of `needed` bytes fits in `free` bytes, counting the `replaced` bytes
@@ -367,6 +369,9 @@ impl ShardWriter {
             return Err(Error::DestinationExists { path: dest });
         }
         let plan = plan_shards(&specs, options.max_shard_bytes)?;
+        // Earlier runs for this destination whose process is gone (killed, out of memory)
+        // left their temporary folders: removed now, so their bytes count as free.
+        let removed_leftovers = remove_leftovers(&dest);
         let tmp = temporary_sibling(&dest, "tmp")?;
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -430,11 +435,18 @@ impl ShardWriter {
             finished: false,
             disk_wait: std::time::Duration::ZERO,
             replaced_early,
+            removed_leftovers,
         })
     }
 
     pub fn plan(&self) -> &ShardPlan {
         &self.plan
+    }
+
+    /// The temporary folders of earlier runs for this destination whose process is gone,
+    /// removed when the writer was created, with the bytes each held.
+    pub fn removed_leftovers(&self) -> &[(PathBuf, u64)] {
+        &self.removed_leftovers
     }
 
     /// Whether the folder being replaced (`replace_existing`) had to be removed before writing,
@@ -779,6 +791,63 @@ fn temporary_sibling(dest: &Path, what: &str) -> Result<PathBuf> {
         })?;
     let sibling = format!(".{name}.weightsmith-{what}-{}", std::process::id());
     Ok(dest.with_file_name(sibling))
+}
+
+/// Removes `.<name>.weightsmith-{tmp,old}-<pid>` beside `dest` whose process `<pid>` is gone
+/// (never one of a process that still runs, nor this process's own); returns what it removed.
+fn remove_leftovers(dest: &Path) -> Vec<(PathBuf, u64)> {
+    let Some(name) = dest.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(parent_dir(dest)) else {
+        return Vec::new();
+    };
+    let own = std::process::id();
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(entry) = file_name.to_str() else {
+            continue;
+        };
+        let Some(rest) = entry.strip_prefix(&format!(".{name}.weightsmith-")) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .strip_prefix("tmp-")
+            .or_else(|| rest.strip_prefix("old-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own || process_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        if !path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let bytes = folder_bytes(&path);
+        if std::fs::remove_dir_all(&path).is_ok() {
+            removed.push((path, bytes));
+        }
+    }
+    removed
+}
+
+/// Whether process `pid` exists (a process we may not signal exists too).
+#[cfg(unix)]
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+#[cfg(not(unix))]
+fn process_alive(_: u32) -> bool {
+    true
 }
 
 /// The bytes a folder's files occupy on disk (what removing it frees), not following links.

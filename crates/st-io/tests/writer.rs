@@ -407,3 +407,51 @@ fn force_counts_the_replaced_folder_as_free_space() {
         .collect();
     assert_eq!(names, ["out"]);
 }
+
+/// A killed run's temporary folder for the same destination is removed (its bytes free again)
+/// and reported; one of a process that still runs, and other names, are left alone.
+#[cfg(target_os = "linux")]
+#[test]
+fn removes_the_leftovers_of_dead_runs_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out");
+    // A process that ran and is gone, and one that still runs.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let mut alive = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let dead_tmp = dir.path().join(format!(".out.weightsmith-tmp-{gone_pid}"));
+    let live_tmp = dir
+        .path()
+        .join(format!(".out.weightsmith-tmp-{}", alive.id()));
+    let other = dir
+        .path()
+        .join(format!(".other.weightsmith-tmp-{gone_pid}"));
+    for d in [&dead_tmp, &live_tmp, &other] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(
+            d.join("model-00001-of-00002.safetensors"),
+            vec![0u8; 100_000],
+        )
+        .unwrap();
+    }
+    let w = ShardWriter::create(
+        &dest,
+        vec![TensorSpec::new("a", Dtype::U8, vec![4])],
+        options(100),
+    )
+    .unwrap();
+    let removed = w.removed_leftovers().to_vec();
+    drop(w);
+    let _ = alive.kill();
+    let _ = alive.wait();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0].0, dead_tmp);
+    assert!(removed[0].1 >= 100_000);
+    assert!(!dead_tmp.exists());
+    assert!(live_tmp.exists(), "a running process's folder was removed");
+    assert!(other.exists(), "another destination's folder was removed");
+}

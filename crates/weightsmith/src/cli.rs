@@ -560,6 +560,9 @@ fn merge_text(r: &crate::MergeReport) -> String {
         r.dtype,
         r.device
     );
+    for l in &r.removed_leftovers {
+        let _ = writeln!(s, "  removed the leftovers of an earlier, killed run: {l}");
+    }
     for a in &r.adapters {
         let _ = writeln!(
             s,

@@ -141,6 +141,9 @@ pub struct MergeReport {
     pub files: Vec<(String, u64)>,
     pub modules: Vec<ModuleReport>,
     pub verify: Option<VerifyReport>,
+    /// Temporary folders of earlier runs for this output whose process was gone (killed,
+    /// out of memory), removed before writing: "path (bytes)".
+    pub removed_leftovers: Vec<String>,
     pub seconds: f64,
 }
 
@@ -287,6 +290,11 @@ pub fn merge(
         ..WriterOptions::default()
     };
     let mut writer = ShardWriter::create(&options.out, specs, writer_options)?;
+    let removed_leftovers: Vec<String> = writer
+        .removed_leftovers()
+        .iter()
+        .map(|(p, b)| format!("{} ({})", p.display(), st_io::format_decimal(*b)))
+        .collect();
     let mut modules = Vec::new();
     let mut bytes_done = 0u64;
     let total = jobs.len();
@@ -499,6 +507,7 @@ pub fn merge(
         files: summary.files,
         modules,
         verify,
+        removed_leftovers,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
