@@ -1,7 +1,8 @@
 //! A Hub-compatible HTTP server on 127.0.0.1 for the publish tests: the endpoints that
 //! `hf-hub`, `weightsmith publish` and the Python `huggingface_hub` client call (repo create,
 //! model info, branch, paths-info, tree, preupload, the LFS batch API with the `basic` and
-//! `multipart` transfers, verify, commit, resolve), kept in memory, with every request
+//! `multipart` transfers, verify, commit, resolve with ranges and, on demand, a 302 to a CDN
+//! route, as the Hub sends LFS files), kept in memory, with every request
 //! recorded and failures injectable.
 //!
 //! It follows the Hub's answers as `huggingface_hub` reads them (field names, headers such as
@@ -131,6 +132,9 @@ struct State {
     transfer: Option<Transfer>,
     /// Bytes of response bodies sent (HEAD answers send none).
     bytes_sent: u64,
+    /// LFS files are answered with a 302 to `/_cdn/…` (as the Hub sends them to its CDN),
+    /// the 302 carrying X-Repo-Commit, X-Linked-Etag and X-Linked-Size.
+    redirect_lfs: bool,
     body_faults: Vec<(String, BodyFault, u32)>,
 }
 
@@ -232,6 +236,11 @@ impl HubServer {
             .unwrap()
             .body_faults
             .push((path_contains.to_string(), fault, times));
+    }
+
+    /// Answer LFS files with a redirect to `/_cdn/…`, as the Hub does.
+    pub fn redirect_lfs(&self, on: bool) {
+        self.state.lock().unwrap().redirect_lfs = on;
     }
 
     /// Bytes of response bodies sent so far.
@@ -417,6 +426,8 @@ fn serve_connection(conn: TcpStream, state: &Arc<Mutex<State>>, endpoint: &str, 
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        206 => "Partial Content",
+        302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -832,8 +843,49 @@ fn route(
             }
             commit(st, &id, rev, query.contains("create_pr=1"), body, endpoint)
         }
-        ("GET" | "HEAD", [o, n, "resolve", rev, rest @ ..]) => {
-            let id = format!("{o}/{n}");
+        ("GET" | "HEAD", ["_cdn", o, n, rev, rest @ ..]) => resolve(
+            st,
+            method,
+            &format!("{o}/{n}"),
+            rev,
+            rest,
+            range,
+            auth,
+            endpoint,
+            true,
+        ),
+        ("GET" | "HEAD", [o, n, "resolve", rev, rest @ ..]) => resolve(
+            st,
+            method,
+            &format!("{o}/{n}"),
+            rev,
+            rest,
+            range,
+            auth,
+            endpoint,
+            false,
+        ),
+        _ => error(404, &format!("no route for {method} {path}")),
+    }
+}
+
+/// A file of a repository at a revision, whole or a range; with `redirect_lfs`, an LFS file
+/// is first a 302 to the CDN route, which serves it.
+#[allow(clippy::too_many_arguments)]
+fn resolve(
+    st: &mut State,
+    method: &str,
+    id: &str,
+    rev: &str,
+    rest: &[&str],
+    range: Option<&str>,
+    auth: Option<&str>,
+    endpoint: &str,
+    via_cdn: bool,
+) -> Answer {
+    {
+        {
+            let id = id.to_string();
             let file_path = rest.join("/");
             if st.repos.get(&id).is_some_and(|r| r.gated) && check_auth(st, auth).is_err() {
                 let mut a = error(401, &format!("Access to model {id} is restricted. You must have access to it and be authenticated to access it. Please log in."));
@@ -852,6 +904,27 @@ fn route(
             };
             let commit = b.commit.clone();
             let total = f.len();
+            if st.redirect_lfs && f.lfs && !via_cdn {
+                let sha = f.sha256();
+                let file_path = rest.join("/");
+                return Answer {
+                    truncate: None,
+                    head_length: None,
+                    status: 302,
+                    body: Vec::new(),
+                    headers: vec![
+                        (
+                            "Location".into(),
+                            format!("{endpoint}/_cdn/{id}/{commit}/{file_path}"),
+                        ),
+                        ("X-Repo-Commit".into(), commit),
+                        ("ETag".into(), format!("\"{sha}\"")),
+                        ("X-Linked-Etag".into(), format!("\"{sha}\"")),
+                        ("X-Linked-Size".into(), total.to_string()),
+                    ],
+                    content_type: "text/plain",
+                };
+            }
             // Range: bytes=a-b or bytes=a- (one range, as the Hub's CDN serves them).
             let range = range.and_then(|r| {
                 let spec = r.strip_prefix("bytes=")?;
@@ -914,7 +987,6 @@ fn route(
             }
             a
         }
-        _ => error(404, &format!("no route for {method} {path}")),
     }
 }
 

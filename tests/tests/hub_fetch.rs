@@ -154,6 +154,8 @@ fn plans_a_70b_shaped_repo_from_its_headers_under_16_mb() {
 #[test]
 fn merges_from_the_hub_into_the_cache_that_python_reads() {
     let server = server_with_tiny_llama();
+    // As on the Hub, LFS files are a 302 to another location (the CDN).
+    server.redirect_lfs(true);
     let cache = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("merged");
@@ -258,6 +260,7 @@ fn uses_what_python_downloaded_offline_with_no_request() {
         return;
     }
     let server = server_with_tiny_llama();
+    server.redirect_lfs(true);
     let cache = tempfile::tempdir().unwrap();
     let p = python(
         &server,
