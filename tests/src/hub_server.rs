@@ -843,28 +843,11 @@ fn route(
             }
             commit(st, &id, rev, query.contains("create_pr=1"), body, endpoint)
         }
-        ("GET" | "HEAD", ["_cdn", o, n, rev, rest @ ..]) => resolve(
-            st,
-            method,
-            &format!("{o}/{n}"),
-            rev,
-            rest,
-            range,
-            auth,
-            endpoint,
-            true,
-        ),
-        ("GET" | "HEAD", [o, n, "resolve", rev, rest @ ..]) => resolve(
-            st,
-            method,
-            &format!("{o}/{n}"),
-            rev,
-            rest,
-            range,
-            auth,
-            endpoint,
-            false,
-        ),
+        ("GET" | "HEAD", ["_cdn", o, n, rev, rest @ ..] | [o, n, "resolve", rev, rest @ ..]) => {
+            let via_cdn = s[0] == "_cdn";
+            let id = format!("{o}/{n}");
+            resolve(st, method, &id, rev, rest, range, auth, endpoint, via_cdn)
+        }
         _ => error(404, &format!("no route for {method} {path}")),
     }
 }
