@@ -363,3 +363,43 @@ fn the_gpu_merge_of_every_architecture_is_the_cpu_merge() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A LoRA on fused experts whose factors do not fit the base is refused, naming the module and
+/// why, never merged at the wrong places.
+#[test]
+fn lora_on_experts_that_does_not_fit_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("matrix/mixtral");
+    for (rank, expect) in [
+        (4, "but the base stores 4 experts: check rank_pattern"),
+        (3, "not a multiple of its rank 3"),
+    ] {
+        let adapter = tmp.path().join(format!("adapter-{rank}"));
+        std::fs::create_dir(&adapter).unwrap();
+        std::fs::copy(
+            dir.join("adapter/adapter_model.safetensors"),
+            adapter.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut config = json(&dir.join("adapter/adapter_config.json"));
+        config["rank_pattern"] = serde_json::json!({ ".*\\.gate_up_proj": rank });
+        std::fs::write(
+            adapter.join("adapter_config.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        let out = tmp.path().join(format!("out-{rank}"));
+        let options = MergeOptions {
+            device: weightsmith::MergeDevice::Cpu,
+            ..MergeOptions::new(vec![(adapter, 1.0)], &out)
+        };
+        let e = merge(dir.join("base"), &options, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.layers.0.mlp.experts") && e.contains(expect),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -229,12 +229,6 @@ pub fn merge(
     inputs.extend(inside);
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     st_io::paths::check_output(&options.out, &inputs, options.force)?;
-    if options.out.exists() && !options.force {
-        return Err(st_io::Error::DestinationExists {
-            path: options.out.clone(),
-        }
-        .into());
-    }
     let base = Checkpoint::open(base_path)?;
     base.require_complete()?;
     let quantized = st_io::quant::quantized_linears(&base)?;
@@ -619,6 +613,10 @@ fn plan_jobs<'a>(
         .collect();
     names.extend(extra);
     let family = st_io::arch::family(base.config());
+    // Experts of each fused in-memory parameter, as the base stores them one by one on disk:
+    // a LoRA on that parameter must cover exactly these.
+    let experts_on_disk =
+        crate::param_lora::experts_on_disk(family, base.tensors().iter().map(|t| t.name.as_str()));
     let mut used_modules: std::collections::HashSet<(PathBuf, String)> = Default::default();
     let mut used_parameter_loras: std::collections::HashSet<(PathBuf, (String, usize))> =
         Default::default();
@@ -672,8 +670,9 @@ fn plan_jobs<'a>(
                     .map(String::from)
             });
         for (a, weight) in adapters {
-            let shape_now = shape.clone();
-            if let Some(term) = crate::param_lora::parameter_term(a, family, name, &shape_now)? {
+            if let Some(term) =
+                crate::param_lora::parameter_term(a, family, name, &shape, &experts_on_disk)?
+            {
                 if !can_convert(dtype, out_dtype) {
                     return Err(module_error(a, &term.key.0, format!("targets \"{name}\" of dtype {dtype}; merging needs an F32, F16 or BF16 base weight")));
                 }

@@ -14,6 +14,8 @@
 //! the delta an on-disk tensor holds is an ordinary LoRA product (`B' = L_e[rows]`,
 //! `A' = R_e[.., cols]`), merged by the same kernels on the same devices with the same bits.
 
+use std::collections::HashMap;
+
 use lora_kernels::to_f32_vec;
 use st_io::arch::{self, ExpertBlock, Family};
 use st_io::LoraAdapter;
@@ -39,12 +41,34 @@ pub(crate) struct ParamTerm {
 /// The largest block-diagonal factor built for a whole 3-D parameter on disk (bytes).
 const MAX_FACTOR_BYTES: usize = 1 << 30;
 
+/// In-memory parameter → number of experts, for the fused parameters the base stores one expert
+/// per tensor on disk (highest expert index + 1).
+pub(crate) fn experts_on_disk<'a>(
+    family: Option<&Family>,
+    names: impl Iterator<Item = &'a str>,
+) -> HashMap<String, u64> {
+    let mut out: HashMap<String, u64> = HashMap::new();
+    let Some(f) = family else { return out };
+    for name in names {
+        if let Ok(Some(arch::InMemory {
+            param,
+            block: Some(b),
+        })) = arch::in_memory(f, name)
+        {
+            let n = out.entry(param).or_default();
+            *n = (*n).max(b.expert + 1);
+        }
+    }
+    out
+}
+
 /// The LoRA-on-parameters term of on-disk tensor `name` (shape `shape`), if the adapter has one.
 pub(crate) fn parameter_term(
     adapter: &LoraAdapter,
     family: Option<&Family>,
     name: &str,
     shape: &[u64],
+    experts_on_disk: &HashMap<String, u64>,
 ) -> Result<Option<ParamTerm>> {
     if adapter.parameter_loras.is_empty() {
         return Ok(None);
@@ -109,6 +133,16 @@ pub(crate) fn parameter_term(
     // The in-memory parameter's [d1, d2] per expert.
     let (d1, d2, three_d) = match (&block, shape) {
         (Some(b), [r, c]) => {
+            // The factors' expert count must be the base's: a wrong rank_pattern would
+            // otherwise slice A and B at the wrong places and merge wrong values.
+            let stored = experts_on_disk.get(&param).copied().unwrap_or(0);
+            if experts != stored {
+                return Err(module_error(
+                    adapter,
+                    module,
+                    format!("A of \"{param}\" is for {experts} experts at rank {rank} ({rows_of_a} rows), but the base stores {stored} experts: check rank_pattern"),
+                ));
+            }
             let (h, w) = if b.transposed { (*c, *r) } else { (*r, *c) };
             (h * b.row_chunks, w * b.col_chunks, true)
         }
