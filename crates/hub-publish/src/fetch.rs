@@ -417,8 +417,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         })
 }
 
-/// The cached snapshot of `id`, when its revision resolves in the cache (a commit, or
-/// `refs/<rev>`) and it holds every file `wanted` names... as far as the cache can tell.
+/// The commit and snapshot folder of `id` in the cache, when its revision resolves there (a
+/// commit, or `refs/<rev>`); which files the snapshot holds is the caller's to check.
 pub fn cached_snapshot(id: &HubId, opts: &FetchOptions) -> Option<(String, PathBuf)> {
     let repo = opts.repo_cache(&id.repo);
     let rev = id.revision();

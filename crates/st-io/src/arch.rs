@@ -329,7 +329,7 @@ pub fn completeness<'a>(
         let mut model_expected: BTreeSet<String> = f.model_tensors.iter().cloned().collect();
         adjust(&mut model_expected, false);
         for t in &model_expected {
-            if !model_level.contains(t.as_str()) && !names.contains(&t.as_str()) {
+            if !model_level.contains(t.as_str()) {
                 out.missing.push(Missing {
                     tensor: t.clone(),
                     reason: format!("a {} has it", f.architecture),
