@@ -280,9 +280,8 @@ pub fn completeness<'a>(
             .map(|n| n.to_string())
     };
     let mut compare_layers = true;
-    if let Some(f) = family(config) {
+    if let (Some(f), Some(cfg)) = (family(config), config) {
         out.family = Some(f.architecture.clone());
-        let cfg = config.expect("a family comes from a config");
         let flipped: Vec<&Toggle> = f
             .toggles
             .iter()
