@@ -45,3 +45,24 @@ print(f"weightsmith.transformers.from_pretrained: logits equal to from_pretraine
 assert torch.equal(got, want)
 out = m.generate(ids, max_new_tokens=4, do_sample=False)
 print("generate:", tuple(out.shape))
+del m
+torch.cuda.empty_cache()
+
+# A device map given by hand (accelerate's form): the last two layers in host memory. The
+# model spans cuda:0 and the host; accelerate's hooks run the host layers on cuda:0.
+from transformers import AutoConfig
+
+n = AutoConfig.from_pretrained(model).num_hidden_layers
+device_map = {"": 0, f"model.layers.{n - 1}": "cpu", f"model.layers.{n - 2}": "cpu"}
+tensors = weightsmith.load(model, device_map=device_map, as_torch=True)
+placed = {str(tensors[f"model.layers.{i}.mlp.up_proj.weight"].device) for i in (n - 2, n - 1)}
+assert placed == {"cpu"}, placed
+assert str(tensors["model.layers.0.mlp.up_proj.weight"].device) == "cuda:0"
+del tensors
+m = from_pretrained(model, device_map=device_map)
+m.config._attn_implementation = "eager"
+with torch.no_grad():
+    got = m(ids).logits
+print(f"device_map with layers {n - 2}-{n - 1} on the host: logits equal to from_pretrained's: "
+      f"{torch.equal(got.to(want.device), want)} (max |diff| {(got.to(want.device) - want).abs().max().item():.3g})")
+assert torch.equal(got.to(want.device), want)

@@ -46,4 +46,10 @@ else:
         done += n
 torch.cuda.synchronize()
 dt = time.time() - t0
-print(json.dumps({"label": label, "seconds": round(dt, 3), "gb_per_s": round(total / dt / 1e9, 2)}), flush=True)
+line = {"label": label, "seconds": round(dt, 3), "gb_per_s": round(total / dt / 1e9, 2)}
+if which == "weightsmith":
+    # The load as the library times it (plan, allocate, copy), and the files' paths: what
+    # the Python layer (import, DLPack, torch.from_dlpack) adds is the difference.
+    line["inside_seconds"] = round(weightsmith.load.last_report["seconds"], 3)
+    line["paths"] = sorted({p for _, p in weightsmith.load.last_report["files"]})
+print(json.dumps(line), flush=True)

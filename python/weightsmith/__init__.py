@@ -87,6 +87,7 @@ def plan(
     devices: Union[str, Sequence[Union[str, int]]] = "auto",
     reserve: Union[None, str, int, Sequence[Union[str, int]]] = None,
     cache_seq_len: Union[None, int, str] = None,
+    device_map: Optional[Dict[str, Any]] = None,
     **options: Any,
 ) -> Dict[str, Any]:
     """Decides where each layer and its KV cache go, from the checkpoint's headers.
@@ -96,14 +97,30 @@ def plan(
         devices: ``"auto"`` (this machine's GPUs) or simulated capacities (``["24GiB", "24GiB"]``).
         reserve: memory each device keeps free: one size or one per device.
         cache_seq_len: tokens of KV cache per layer, or ``"max"``.
+        device_map: check a placement instead of choosing one: a plan this function returned
+            (perhaps edited) or an accelerate device_map (module name → GPU index or ``"cpu"``).
         **options: any other flag of ``weightsmith plan`` (``strategy="balanced"``, ...).
 
     Returns:
         The plan ``weightsmith plan --json`` prints.
     """
     argv = ["plan", str(path), "--devices", _sizes(devices)]
-    argv += _flags(reserve=_sizes(reserve), cache_seq_len=cache_seq_len, **options)
+    argv += _flags(reserve=_sizes(reserve), cache_seq_len=cache_seq_len,
+                   device_map=_device_map(device_map), **options)
     return _call(argv)
+
+
+def _device_map(device_map: Union[None, str, int, Dict[str, Any]]) -> Optional[str]:
+    """The ``--device-map`` JSON for a dict, a GPU index, or ``"cuda:N"`` (everything there)."""
+    if device_map is None or device_map in ("auto", "cpu"):
+        return None
+    if isinstance(device_map, dict):
+        return json.dumps(device_map)
+    if isinstance(device_map, int) or (isinstance(device_map, str) and
+                                       (device_map == "cuda" or device_map.startswith("cuda:"))):
+        return json.dumps({"": device_map})
+    raise ValueError(f"device_map must be \"auto\", \"cpu\", \"cuda:N\", a GPU index, a plan or a "
+                     f"module → device dict, not {device_map!r}")
 
 
 def merge(
@@ -168,7 +185,7 @@ def publish(folder: str, repo: str, **options: Any) -> Dict[str, Any]:
 def load(
     path: str,
     *,
-    device_map: Union[str, Dict[str, Any]] = "auto",
+    device_map: Union[str, int, Dict[str, Any]] = "auto",
     progress: Optional[Progress] = None,
     as_torch: Optional[bool] = None,
     **options: Any,
@@ -178,7 +195,10 @@ def load(
     Args:
         path: a model folder, a ``.safetensors`` file, or a Hub id (downloaded to the cache).
         device_map: ``"auto"`` (the plan over this machine's devices); ``"cpu"`` loads into
-            host memory.
+            host memory; ``"cuda:N"`` or ``N`` puts everything on one GPU; a plan from
+            :func:`plan` (perhaps edited) or an accelerate device_map (module name → GPU index
+            or ``"cpu"``) places each layer where it says, checked against each device's free
+            memory first. A layer is placed whole, with its KV cache.
         progress: called as ``progress(done_bytes, total_bytes, file)``.
         as_torch: return ``torch.Tensor``s (default: when torch is installed).
         **options: any other flag of ``weightsmith load`` (``reserve=...``, ``cache_seq_len=...``).
@@ -189,9 +209,7 @@ def load(
         The memory is freed when the last tensor is gone. ``load.last_report`` holds the
         report ``weightsmith load --json`` prints.
     """
-    if isinstance(device_map, dict):
-        raise ValueError("device_map as a dict is not supported yet: pass \"auto\" or \"cpu\"")
-    argv = ["load", str(path)] + _flags(**options)
+    argv = ["load", str(path)] + _flags(device_map=_device_map(device_map), **options)
     report, tensors = _native.load(argv, progress if progress is not None else _terminal_progress(),
                                    device_map == "cpu")
     load.last_report = json.loads(report)  # type: ignore[attr-defined]

@@ -67,3 +67,25 @@ def test_memory_comes_back_when_the_last_tensor_goes(fixtures):
     del keep
     gc.collect()
     assert _native.live_models() == before
+
+
+def test_a_device_map_places_each_layer_where_it_says(fixtures):
+    folder = fixtures / "models/tiny-llama"
+    # Without a GPU the plan has one device, the host: index 0 and "cpu" both mean it.
+    tensors = weightsmith.load(folder, device_map={"": 0, "model.layers.1": "cpu"}, as_torch=False)
+    expected = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        expected.update(file_tensors(f))
+    assert {n: t.to_bytes() for n, t in tensors.items()} == {n: v[2] for n, v in expected.items()}
+    assert weightsmith.load.last_report["plan"]["strategy"] == "fixed"
+    units = {u["name"]: u["device"] for u in weightsmith.load.last_report["plan"]["units"]}
+    assert units["layers.1"] == "host" and units["layers.0"] == 0
+
+
+def test_a_device_map_that_leaves_a_layer_out_is_refused_naming_it(fixtures):
+    import pytest
+
+    with pytest.raises(ValueError, match='no device for module "model.layers.0"'):
+        weightsmith.load(fixtures / "models/tiny-llama", device_map={"model.embed_tokens": 0})
+    with pytest.raises(ValueError, match="device_map must be"):
+        weightsmith.load(fixtures / "models/tiny-llama", device_map="tpu")

@@ -23,6 +23,16 @@ def test_plan_takes_devices_as_a_list(fixtures):
     assert plan["model"].endswith("tiny-llama")
 
 
+def test_a_plan_edited_by_hand_comes_back_as_a_device_map(fixtures):
+    path = fixtures / "models/tiny-llama"
+    plan = weightsmith.plan(path, devices=["2GiB", "2GiB"], cache_seq_len=64)
+    for unit in plan["units"]:
+        unit["device"] = 1 if unit["name"] in ("layers.2", "norm", "head") else 0
+    fixed = weightsmith.plan(path, devices=["2GiB", "2GiB"], cache_seq_len=64, device_map=plan)
+    assert fixed["strategy"] == "fixed"
+    assert fixed["devices"][1]["units"] == ["layers.2", "norm", "head"]
+
+
 def files_digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

@@ -368,3 +368,167 @@ fn a_cache_past_u64_is_refused_not_wrapped() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A plan printed with `--json` (edited by hand) and an accelerate map from `--export
+/// accelerate` both come back through `--device-map` as the same placement.
+#[test]
+fn device_maps_from_a_plan_or_accelerate_place_what_they_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(&[
+        "plan",
+        &llama(),
+        "--devices",
+        "1GiB,1GiB",
+        "--strategy",
+        "balanced",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mut plan: Value = serde_json::from_str(&out).unwrap();
+    // Move layers.1 to device 1 by hand, and the head to the host.
+    for unit in plan["units"].as_array_mut().unwrap() {
+        match unit["name"].as_str().unwrap() {
+            "layers.1" => unit["device"] = 1.into(),
+            "head" => unit["device"] = "host".into(),
+            _ => {}
+        }
+    }
+    let plan_file = dir.path().join("plan.json");
+    std::fs::write(&plan_file, plan.to_string()).unwrap();
+    let (code, out, err) = run(&[
+        "plan",
+        &llama(),
+        "--devices",
+        "1GiB,1GiB",
+        "--device-map",
+        plan_file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let fixed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(fixed["strategy"], "fixed");
+    let placed: Vec<(String, Value)> = fixed["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| (u["name"].as_str().unwrap().to_string(), u["device"].clone()))
+        .collect();
+    let want: Vec<(String, Value)> = [
+        ("embedding", Value::from(0)),
+        ("layers.0", 0.into()),
+        ("layers.1", 1.into()),
+        ("layers.2", 1.into()),
+        ("norm", 1.into()),
+        ("head", "host".into()),
+    ]
+    .into_iter()
+    .map(|(n, d)| (n.to_string(), d))
+    .collect();
+    assert_eq!(placed, want);
+    assert_eq!(
+        fixed["devices"][1]["units"],
+        serde_json::json!(["layers.1", "layers.2", "norm"])
+    );
+
+    // accelerate's form, exported by `plan`, comes back to the same plan.
+    let (code, exported, err) = run(&[
+        "plan",
+        &llama(),
+        "--devices",
+        "1GiB,1GiB",
+        "--strategy",
+        "balanced",
+        "--export",
+        "accelerate",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, again, err) = run(&[
+        "plan",
+        &llama(),
+        "--devices",
+        "1GiB,1GiB",
+        "--device-map",
+        &exported,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, balanced, _) = run(&[
+        "plan",
+        &llama(),
+        "--devices",
+        "1GiB,1GiB",
+        "--strategy",
+        "balanced",
+        "--json",
+    ]);
+    let (again, balanced): (Value, Value) = (
+        serde_json::from_str(&again).unwrap(),
+        serde_json::from_str(&balanced).unwrap(),
+    );
+    assert_eq!(again["units"], balanced["units"]);
+    assert_eq!(again["devices"], balanced["devices"]);
+}
+
+#[test]
+fn bad_device_maps_are_refused_naming_the_unit_or_module() {
+    for (map, needle) in [
+        (
+            r#"{"model.embed_tokens": 0, "model.layers.0": 0}"#,
+            "no device for module \"model.layers.1\" (unit \"layers.1\")",
+        ),
+        (
+            r#"{"": 2}"#,
+            "puts \"embedding\" on device 2, but there are 2 devices (cuda:0, cuda:1)",
+        ),
+        (
+            r#"{"": 0, "model.layers.1.mlp": 1}"#,
+            "splits unit \"layers.1\"",
+        ),
+        (r#"{"": "disk"}"#, "on \"disk\""),
+        (r#"{"": 0, "lm_head": 1}"#, ""),
+    ] {
+        let (code, _, err) = run(&[
+            "plan",
+            &llama(),
+            "--devices",
+            "1GiB,1GiB",
+            "--device-map",
+            map,
+        ]);
+        if needle.is_empty() {
+            assert_eq!(code, 0, "{map}: {err}");
+            continue;
+        }
+        assert_eq!(code, 1, "{map}");
+        assert!(err.contains(needle), "{map}: {err}");
+    }
+    let (code, _, err) = run(&[
+        "plan",
+        &llama(),
+        "--devices",
+        "64MiB",
+        "--device-map",
+        r#"{"": 0}"#,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not fit"), "{err}");
+    let (code, _, err) = run(&[
+        "plan",
+        &llama(),
+        "--device-map",
+        "/nonexistent/map.json",
+        "--devices",
+        "1GiB",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/map.json"), "{err}");
+    let (code, _, err) = run(&[
+        "plan",
+        &llama(),
+        "--device-map",
+        r#"{"": 0}"#,
+        "--strategy",
+        "balanced",
+    ]);
+    assert_eq!(code, 2, "{err}");
+}

@@ -45,6 +45,17 @@ pub enum Error {
         split_bytes: u64,
         usable_bytes: u64,
     },
+    #[error("the device map places {entries} units but the model has {units}")]
+    PlacementLength { entries: usize, units: usize },
+    #[error(
+        "the device map puts \"{unit}\" on device {device}, but there {}",
+        device_list(devices)
+    )]
+    UnknownDevice {
+        unit: String,
+        device: usize,
+        devices: Vec<String>,
+    },
     #[error("the layer split places {given} layers but the model has {layers}")]
     LayerCountMismatch { given: u64, layers: u64 },
     #[error("the model does not fit: it needs {} (weights, KV cache and overhead) and the devices offer {} after reserves; \"{first_unit}\" was the first unit that did not fit{}", format_binary(*needed_bytes), format_binary(*available_bytes), advice(suggestions))]
@@ -54,6 +65,14 @@ pub enum Error {
         first_unit: String,
         suggestions: Vec<String>,
     },
+}
+
+fn device_list(devices: &[String]) -> String {
+    match devices.len() {
+        0 => "are no devices".into(),
+        1 => format!("is one device ({})", devices[0]),
+        n => format!("are {n} devices ({})", devices.join(", ")),
+    }
 }
 
 fn advice(suggestions: &[String]) -> String {

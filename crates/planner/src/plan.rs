@@ -51,6 +51,10 @@ pub enum Strategy {
     /// Decoder layers per device (vLLM's `VLLM_PP_LAYER_PARTITION`); the embedding goes with
     /// the first device, norm and head with the last layer.
     ManualLayers(Vec<u64>),
+    /// Each unit's place, given (one per unit, in [`PlanRequest::units`] order): a device map
+    /// made by hand or by another tool. The plan checks that every device holds what it is
+    /// given, counting caches, overhead and the head's scratch as for any other strategy.
+    Fixed(Vec<Placement>),
 }
 
 impl Strategy {
@@ -59,6 +63,7 @@ impl Strategy {
             Strategy::Greedy => "greedy",
             Strategy::Balanced => "balanced",
             Strategy::ManualBytes(_) | Strategy::ManualLayers(_) => "manual",
+            Strategy::Fixed(_) => "fixed",
         }
     }
 }
@@ -161,7 +166,6 @@ struct Item {
 
 struct Prepared {
     items: Vec<Item>,
-    host_units: Vec<usize>,
     /// Bytes each device can take for units; -1 for a device that can take nothing.
     budgets: Vec<i128>,
     base_overheads: Vec<u64>,
@@ -226,14 +230,13 @@ fn prepare(req: &PlanRequest) -> Result<Prepared, Error> {
     };
     // In model order: embedding, each layer but the last, the tail group (last layer, norm,
     // head), then `other` units one by one.
-    let mut host_units = Vec::new();
     let mut front = Vec::new();
     let mut layers = Vec::new();
     let mut tail = Vec::new();
     let mut others = Vec::new();
     for (i, u) in req.units.iter().enumerate() {
         match u.kind {
-            UnitKind::Embedding if req.embedding_on_host => host_units.push(i),
+            UnitKind::Embedding if req.embedding_on_host => {} // stays on the host
             UnitKind::Embedding => front.push(i),
             UnitKind::Other => others.push(i),
             UnitKind::Layer(_) => layers.push(i),
@@ -267,7 +270,6 @@ fn prepare(req: &PlanRequest) -> Result<Prepared, Error> {
     items.extend(others.iter().map(single));
     Ok(Prepared {
         items,
-        host_units,
         budgets,
         base_overheads,
         weights,
@@ -323,9 +325,53 @@ fn plan_without_advice(req: &PlanRequest) -> Result<Plan, Error> {
             greedy(&p.items, &budgets)
         }
         Strategy::ManualLayers(counts) => manual_layers(req, &p, counts)?,
+        Strategy::Fixed(placements) => return fixed(req, &p, placements),
     };
-    let assignment = assignment.map_err(|failed| does_not_fit(req, &p, failed))?;
-    Ok(assemble(req, &p, &assignment))
+    let assignment = assignment
+        .map_err(|failed| does_not_fit(req, &p, p.items[failed].units.first().copied()))?;
+    let mut unit_device = vec![Placement::Host; req.units.len()];
+    for (item, &d) in p.items.iter().zip(&assignment) {
+        for &u in &item.units {
+            unit_device[u] = Placement::Device(d);
+        }
+    }
+    let head_device = p.head_item.map(|i| assignment[i]);
+    Ok(assemble(req, &p, unit_device, head_device))
+}
+
+/// Checks a given placement: every unit on a device that exists, and every device within its
+/// budget (weights, caches, and the head's scratch where the head is).
+fn fixed(req: &PlanRequest, p: &Prepared, placements: &[Placement]) -> Result<Plan, Error> {
+    if placements.len() != req.units.len() {
+        return Err(Error::PlacementLength {
+            entries: placements.len(),
+            units: req.units.len(),
+        });
+    }
+    let mut used = vec![0u64; req.devices.len()];
+    let mut head_device = None;
+    for (u, (unit, &place)) in req.units.iter().zip(placements).enumerate() {
+        let Placement::Device(d) = place else {
+            continue;
+        };
+        if d >= req.devices.len() {
+            return Err(Error::UnknownDevice {
+                unit: unit.name.clone(),
+                device: d,
+                devices: req.devices.iter().map(|d| d.name.clone()).collect(),
+            });
+        }
+        let mut load = p.weights[u].saturating_add(p.caches[u]);
+        if unit.kind == UnitKind::Head {
+            load = load.saturating_add(p.head_scratch);
+            head_device = Some(d);
+        }
+        used[d] = used[d].saturating_add(load);
+        if used[d] as i128 > p.budgets[d] {
+            return Err(does_not_fit(req, p, Some(u)));
+        }
+    }
+    Ok(assemble(req, p, placements.to_vec(), head_device))
 }
 
 /// Item index → device, or the index of the first item that did not fit.
@@ -508,7 +554,7 @@ fn manual_layers(req: &PlanRequest, p: &Prepared, counts: &[u64]) -> Result<Assi
     Ok(Ok(out))
 }
 
-fn does_not_fit(req: &PlanRequest, p: &Prepared, failed_item: usize) -> Error {
+fn does_not_fit(req: &PlanRequest, p: &Prepared, failed_unit: Option<usize>) -> Error {
     let needed: u64 = p
         .items
         .iter()
@@ -520,10 +566,8 @@ fn does_not_fit(req: &PlanRequest, p: &Prepared, failed_item: usize) -> Error {
         .iter()
         .map(|d| d.capacity_bytes.saturating_sub(d.reserve_bytes))
         .fold(0u64, u64::saturating_add);
-    let first = p.items[failed_item]
-        .units
-        .first()
-        .map(|&u| req.units[u].name.clone())
+    let first = failed_unit
+        .map(|u| req.units[u].name.clone())
         .unwrap_or_default();
     Error::DoesNotFit {
         needed_bytes: needed,
@@ -533,13 +577,13 @@ fn does_not_fit(req: &PlanRequest, p: &Prepared, failed_item: usize) -> Error {
     }
 }
 
-fn assemble(req: &PlanRequest, p: &Prepared, assignment: &[usize]) -> Plan {
-    let mut unit_device = vec![Placement::Host; req.units.len()];
-    for (item, &d) in p.items.iter().zip(assignment) {
-        for &u in &item.units {
-            unit_device[u] = Placement::Device(d);
-        }
-    }
+/// The plan for each unit's device (`Host` for units kept in host memory) and the head's.
+fn assemble(
+    req: &PlanRequest,
+    p: &Prepared,
+    unit_device: Vec<Placement>,
+    head_device: Option<usize>,
+) -> Plan {
     let mut devices: Vec<DeviceLoad> = req
         .devices
         .iter()
@@ -575,7 +619,6 @@ fn assemble(req: &PlanRequest, p: &Prepared, assignment: &[usize]) -> Plan {
             cache_bytes: p.caches[i],
         });
     }
-    let head_device = p.head_item.map(|i| assignment[i]);
     for dev in &mut devices {
         if !dev.units.is_empty() {
             dev.overhead_bytes = p.base_overheads[dev.index];
@@ -590,10 +633,6 @@ fn assemble(req: &PlanRequest, p: &Prepared, assignment: &[usize]) -> Plan {
                 .saturating_add(dev.overhead_bytes),
         );
     }
-    debug_assert!(p
-        .host_units
-        .iter()
-        .all(|&u| unit_device[u] == Placement::Host));
     Plan {
         strategy: req.strategy.name(),
         cache: req.cache,

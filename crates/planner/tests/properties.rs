@@ -491,3 +491,129 @@ proptest! {
         }
     }
 }
+
+/// Weights + cache of each unit as a device holds it (a tied head's copy when the embedding
+/// stays on the host), recomputed here in u128.
+fn unit_loads(req: &PlanRequest) -> Vec<u128> {
+    let embedding: u128 = req
+        .units
+        .iter()
+        .filter(|u| u.kind == UnitKind::Embedding)
+        .map(|u| u.weight_bytes as u128)
+        .sum();
+    req.units
+        .iter()
+        .map(|u| {
+            let weights =
+                if u.kind == UnitKind::Head && u.weight_bytes == 0 && req.embedding_on_host {
+                    embedding
+                } else {
+                    u.weight_bytes as u128
+                };
+            let cache = match u.kind {
+                UnitKind::Layer(i) => req.dims.cache_bytes(i, &req.cache) as u128,
+                _ => 0,
+            };
+            weights + cache
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// A device map copied from any plan gives that plan back (a map exported by `plan` and
+    /// handed to `load` places exactly what `plan` said).
+    #[test]
+    fn a_fixed_map_taken_from_a_plan_gives_that_plan(req in request_strategy(3), balanced in any::<bool>()) {
+        let req = if balanced { with(&req, Policy::Balanced) } else { req };
+        let Ok(p) = plan(&req) else { return Ok(()) };
+        let placements: Vec<Placement> = p.units.iter().map(|u| u.device).collect();
+        let fixed = plan(&with(&req, Policy::Fixed(placements))).expect("the plan's own map fits");
+        prop_assert_eq!(fixed.units, p.units);
+        prop_assert_eq!(fixed.devices, p.devices);
+        prop_assert_eq!(fixed.host_bytes, p.host_bytes);
+    }
+
+    /// Any placement, contiguous or not: accepted exactly when every device's units, caches,
+    /// overhead and (on the head's device) the head's scratch fit its room, recomputed in u128.
+    #[test]
+    fn a_fixed_map_fits_exactly_when_every_device_holds_its_units(req in request_strategy(3), picks in prop::collection::vec(0usize..4, 64)) {
+        let n = req.devices.len();
+        // 0..n a device, n and above the host.
+        let placements: Vec<Placement> = req.units.iter().zip(picks.iter().cycle())
+            .map(|(_, &k)| if k < n { Placement::Device(k) } else { Placement::Host })
+            .collect();
+        let loads = unit_loads(&req);
+        let head_scratch = planner::cache::head_scratch_bytes(&req.dims, &req.cache) as u128;
+        let mut used = vec![0u128; n];
+        let mut holds = vec![false; n];
+        for (i, (u, place)) in req.units.iter().zip(&placements).enumerate() {
+            if let Placement::Device(d) = place {
+                used[*d] += loads[i] + if u.kind == UnitKind::Head { head_scratch } else { 0 };
+                holds[*d] = true;
+            }
+        }
+        // An unused device needs nothing; a used one its overhead besides its units.
+        let fits = req.devices.iter().zip(&used).zip(&holds).all(|((d, &u), &holds)| {
+            let room = d.capacity_bytes as u128 - d.reserve_bytes as u128;
+            let overhead = d.overhead_bytes.unwrap() as u128;
+            !holds || (overhead <= room && u <= room - overhead)
+        });
+        match plan(&with(&req, Policy::Fixed(placements.clone()))) {
+            Ok(p) => {
+                prop_assert!(fits, "accepted a map that overflows a device: {used:?}");
+                let got: Vec<Placement> = p.units.iter().map(|u| u.device).collect();
+                prop_assert_eq!(got, placements);
+                for (d, dev) in p.devices.iter().enumerate() {
+                    let listed: Vec<&String> = p.units.iter().filter(|u| u.device == Placement::Device(d)).map(|u| &u.name).collect();
+                    prop_assert_eq!(dev.units.iter().collect::<Vec<_>>(), listed);
+                }
+            }
+            Err(Error::DoesNotFit { .. }) => prop_assert!(!fits, "refused a map that fits: {used:?}"),
+            Err(e) => prop_assert!(false, "unexpected {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_fixed_map_naming_a_missing_device_or_the_wrong_unit_count_is_refused() {
+    let units = vec![
+        UnitSpec {
+            name: "embed".into(),
+            kind: UnitKind::Embedding,
+            weight_bytes: 10,
+        },
+        UnitSpec {
+            name: "layers.0".into(),
+            kind: UnitKind::Layer(0),
+            weight_bytes: 10,
+        },
+    ];
+    let req = PlanRequest {
+        units,
+        dims: ModelDims::default(),
+        cache: CacheSpec {
+            seq_len: 0,
+            batch: 1,
+            dtype: CacheDtype::F16,
+        },
+        devices: gpus([(1000, 0, Some(0))]),
+        strategy: Policy::Fixed(vec![Placement::Device(0), Placement::Device(1)]),
+        embedding_on_host: false,
+    };
+    let e = plan(&req).unwrap_err();
+    assert!(
+        matches!(e, Error::UnknownDevice { ref unit, device: 1, .. } if unit == "layers.0"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("is one device"), "{e}");
+    let e = plan(&with(&req, Policy::Fixed(vec![Placement::Device(0)]))).unwrap_err();
+    assert_eq!(
+        e,
+        Error::PlacementLength {
+            entries: 1,
+            units: 2
+        }
+    );
+}

@@ -188,6 +188,10 @@ struct PlanArgs {
     /// Keep the embedding in host memory.
     #[arg(long)]
     embedding_on_host: bool,
+    /// Place each unit where a device map says: a plan (`plan --json`, perhaps edited) or an
+    /// accelerate device_map (`plan --export accelerate`), as a JSON file or inline JSON.
+    #[arg(long, value_name = "FILE|JSON", conflicts_with_all = ["strategy", "split", "split_layers", "embedding_on_host"])]
+    device_map: Option<String>,
     /// Print one JSON document (schema in the README).
     #[arg(long)]
     json: bool,
@@ -659,6 +663,17 @@ fn usage(message: String) -> Box<dyn std::error::Error> {
     Box::new(crate::Error::Usage(message))
 }
 
+/// `--device-map`: inline JSON, or the file that holds it.
+fn device_map(value: &str) -> Result<crate::DeviceMap, Box<dyn std::error::Error>> {
+    if value.trim_start().starts_with('{') {
+        return Ok(crate::DeviceMap::from_json(value)?);
+    }
+    let bytes = st_io::paths::read_regular(std::path::Path::new(value))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| usage(format!("--device-map {value}: the file is not UTF-8 text")))?;
+    crate::DeviceMap::from_json(&text).map_err(|e| usage(format!("{value}: {e}")))
+}
+
 fn plan_options(args: &PlanArgs) -> Result<crate::PlanOptions, Box<dyn std::error::Error>> {
     use crate::plan::{parse_gpu_split, parse_size_list, DeviceChoice, SeqLen, SplitChoice};
     let devices = match args.devices.as_str() {
@@ -695,6 +710,9 @@ fn plan_options(args: &PlanArgs) -> Result<crate::PlanOptions, Box<dyn std::erro
         _ => None,
     };
     let split = match (args.strategy.as_deref(), manual) {
+        _ if args.device_map.is_some() => {
+            SplitChoice::Map(device_map(args.device_map.as_deref().unwrap_or_default())?)
+        }
         (None | Some("greedy"), None) => SplitChoice::Greedy,
         (Some("balanced"), None) => SplitChoice::Balanced,
         (None | Some("manual"), Some(m)) => m,

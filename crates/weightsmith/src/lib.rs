@@ -10,6 +10,7 @@
 mod card;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod device_map;
 pub mod inspect;
 pub mod load;
 pub mod merge;
@@ -18,6 +19,7 @@ pub mod plan;
 pub mod publish;
 pub mod source;
 
+pub use device_map::DeviceMap;
 pub use inspect::{inspect, InspectOptions, InspectReport};
 pub use load::{load, LoadOptions, LoadReport, LoadedModel, LoadedQuantizedLinear};
 pub use merge::{merge, MergeDevice, MergeOptions, MergeReport};

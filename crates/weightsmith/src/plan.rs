@@ -46,6 +46,8 @@ pub enum SplitChoice {
     Bytes(Vec<u64>),
     /// Decoder layers per device.
     Layers(Vec<u64>),
+    /// Each unit's device, from a plan or an accelerate `device_map`.
+    Map(crate::DeviceMap),
 }
 
 /// Options of [`plan_checkpoint`].
@@ -209,11 +211,24 @@ fn plan_for(
         .collect();
     let wants_cache = options.seq_len != SeqLen::Tokens(0);
     let dims = model_dims(checkpoint.root(), config, wants_cache)?;
+    let modules = unit_modules(checkpoint, &layout);
+    let mut embedding_on_host = options.embedding_on_host;
     let strategy = match &options.split {
         SplitChoice::Greedy => Strategy::Greedy,
         SplitChoice::Balanced => Strategy::Balanced,
         SplitChoice::Bytes(b) => Strategy::ManualBytes(b.clone()),
         SplitChoice::Layers(l) => Strategy::ManualLayers(l.clone()),
+        SplitChoice::Map(map) => {
+            let names: Vec<String> = layout.units.iter().map(|u| u.name.clone()).collect();
+            let placements = map.resolve(&names, &modules)?;
+            // The map decides where the embedding goes (a tied head then needs its own copy).
+            embedding_on_host = layout
+                .units
+                .iter()
+                .zip(&placements)
+                .any(|(u, p)| u.kind == UnitKind::Embedding && *p == Placement::Host);
+            Strategy::Fixed(placements)
+        }
     };
     let units = layout
         .units
@@ -238,7 +253,7 @@ fn plan_for(
         },
         devices,
         strategy,
-        embedding_on_host: options.embedding_on_host,
+        embedding_on_host,
     };
     let plan = match options.seq_len {
         SeqLen::Tokens(_) => planner::plan(&request)?,
@@ -249,6 +264,21 @@ fn plan_for(
             planner::max_seq_len(&request, upper)?.1
         }
     };
+    Ok(PlanReport {
+        schema_version: PLAN_SCHEMA_VERSION,
+        model: path.display().to_string(),
+        seq_len_is_max: options.seq_len == SeqLen::Max,
+        plan,
+        modules,
+    })
+}
+
+/// accelerate's module names of each unit: `model.layers.3` for a layer, the tensors' modules
+/// otherwise (`lm_head` for a tied head, whose module exists though its weight is shared).
+fn unit_modules(
+    checkpoint: &Checkpoint,
+    layout: &st_io::layout::ModelLayout,
+) -> BTreeMap<String, Vec<String>> {
     let mut modules: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for u in &layout.units {
         let mut names: Vec<String> = match (u.kind, &layout.layer_prefix) {
@@ -270,13 +300,7 @@ fn plan_for(
         names.dedup();
         modules.insert(u.name.clone(), names);
     }
-    Ok(PlanReport {
-        schema_version: PLAN_SCHEMA_VERSION,
-        model: path.display().to_string(),
-        seq_len_is_max: options.seq_len == SeqLen::Max,
-        plan,
-        modules,
-    })
+    modules
 }
 
 fn model_dims(root: &Path, config: Option<&ModelConfig>, wants_cache: bool) -> Result<ModelDims> {
