@@ -116,7 +116,7 @@ extern "C" __global__ void lora_merge(
 // per-element tests of `left` or `factors`, and for everything else. Offsets within a tile are
 // 32-bit (at most 63 rows of cols < 2^24 columns: gpu::TILE_MAX_COLS; wider tensors take
 // lora_merge), which spares most of the 64-bit address arithmetic.
-// On an H200, BF16, r = 16 / 32 / 64 (scripts/device-kernel-rate.sh), 14336 × 4096:
+// On an H200, BF16, r = 16 / 32 / 64 (scripts/device/kernel-rate.sh), 14336 × 4096:
 // 2.08 / 1.44 / 0.90 TB/s, 4096 × 4096: 1.75 / 1.30 / 0.83, against 1.70 / 1.31 / 0.85 and
 // 1.43 / 1.12 / 0.75 with one body and 64-bit offsets, 1.58 / 0.96 / 0.53 at 14336 × 4096 for
 // the kernels before the tiles (one multiply and one add per term); torch's addmm

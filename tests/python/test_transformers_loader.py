@@ -1,6 +1,6 @@
 """weightsmith.transformers.from_pretrained gives transformers' own logits (needs torch and
 transformers: on CI they are absent and this is reported as skipped; the device script
-scripts/device-python-load.sh runs it on a GPU)."""
+scripts/device/python-load.sh runs it on a GPU)."""
 
 import pytest
 

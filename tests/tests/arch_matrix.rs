@@ -1,4 +1,4 @@
-//! The architecture matrix (scripts/make_arch_matrix.py: tiny models transformers builds for
+//! The architecture matrix (scripts/fixtures/make_arch_matrix.py: tiny models transformers builds for
 //! every family, an all-linear LoRA made by PEFT, PEFT's merge_and_unload output): for every
 //! case, our merge writes what PEFT wrote — the same files (plus our model card), config.json
 //! equal but for the dtype keys, generation config and tokenizer files copied byte for byte,
@@ -6,7 +6,7 @@
 //! the base, in a 1-layer and a 2-layer model.
 //!
 //! transformers loading our output with PEFT's logits, and the GPU merge equal to the CPU's,
-//! are checked on the device by scripts/device-arch-matrix.sh (scripts/check_arch_matrix.py).
+//! are checked on the device by scripts/device/arch-matrix.sh (scripts/device/check_arch_matrix.py).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -271,7 +271,7 @@ fn inspect_lists_and_the_verbs_refuse_a_missing_tensor() {
 const README_START: &str = "<!-- architectures: made from fixtures/matrix by tests/tests/arch_matrix.rs; `WEIGHTSMITH_BLESS=1 cargo test -p weightsmith-tests --test arch_matrix` rewrites it -->";
 const README_END: &str = "<!-- end of architectures -->";
 
-/// The README's table of architectures, made from the matrix.
+/// docs/architectures.md's table of architectures, made from the matrix.
 fn readme_table() -> String {
     let mut s = String::from(
         "| model_type | transformers class | what the case covers | PEFT LoRA |\n|---|---|---|---|\n",
@@ -305,13 +305,13 @@ fn readme_table() -> String {
 }
 
 #[test]
-fn the_readme_lists_the_matrix_as_it_is() {
-    let path = weightsmith_tests::repo_root().join("README.md");
+fn the_docs_list_the_matrix_as_it_is() {
+    let path = weightsmith_tests::repo_root().join("docs/architectures.md");
     let readme = std::fs::read_to_string(&path).unwrap();
     let block = format!("{README_START}\n{}{README_END}", readme_table());
     if std::env::var_os("WEIGHTSMITH_BLESS").is_some() {
         let (Some(a), Some(b)) = (readme.find(README_START), readme.find(README_END)) else {
-            panic!("README.md has no architectures block to rewrite");
+            panic!("docs/architectures.md has no architectures block to rewrite");
         };
         let updated = format!("{}{block}{}", &readme[..a], &readme[b + README_END.len()..]);
         std::fs::write(&path, updated).unwrap();
@@ -319,7 +319,7 @@ fn the_readme_lists_the_matrix_as_it_is() {
     }
     assert!(
         readme.contains(&block),
-        "README.md's architectures table is not the matrix's: run WEIGHTSMITH_BLESS=1 cargo test -p weightsmith-tests --test arch_matrix"
+        "docs/architectures.md's architectures table is not the matrix's: run WEIGHTSMITH_BLESS=1 cargo test -p weightsmith-tests --test arch_matrix"
     );
 }
 

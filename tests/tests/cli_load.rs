@@ -1,5 +1,5 @@
 //! `weightsmith load` on a machine without a GPU: the host twin of the whole load path, the
-//! path CI runs (the GPU path runs in scripts/device-load-bench.sh and compares the same way).
+//! path CI runs (the GPU path runs in scripts/device/load-bench.sh and compares the same way).
 
 use serde_json::Value;
 use weightsmith::gpu_mem::Device;

@@ -1,5 +1,5 @@
 //! Checkpoints written by Python `safetensors` and `transformers.save_pretrained` (committed
-//! fixtures, made by scripts/make_fixtures.py) read back exactly as those libraries read them.
+//! fixtures, made by scripts/fixtures/make_fixtures.py) read back exactly as those libraries read them.
 
 use serde_json::Value;
 use st_io::layout::UnitKind;

@@ -1,5 +1,5 @@
 //! `weightsmith merge` against PEFT's own `merge_and_unload` on the committed adapter
-//! fixtures (scripts/make_adapter_fixtures.py): same tensors, same shapes, same dtypes, every
+//! fixtures (scripts/fixtures/make_adapter_fixtures.py): same tensors, same shapes, same dtypes, every
 //! value within 1 ulp (a single rounding against PEFT's two; DoRA within 2, see below).
 //!
 //! The ulp is taken at the scale of max(|W|, |W'|): PEFT rounds ΔW to 16 bits before adding

@@ -1,4 +1,4 @@
-//! Quantised checkpoints (fixtures/quantized, made by scripts/make_quant_fixtures.py with the
+//! Quantised checkpoints (fixtures/quantized, made by scripts/fixtures/make_quant_fixtures.py with the
 //! numpy reference packer): GPTQ and EXL2 layers recognised with their bits, dimensions and
 //! tensors; GPTQ dequantisation equal bit for bit to the reference dequantiser; malformed
 //! layers refused with the tensor named.

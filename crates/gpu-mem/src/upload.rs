@@ -64,7 +64,7 @@ const READ_THREADS: usize = 8;
 /// Pages of a range that [`resident_fraction`] asks `mincore` about at most.
 const RESIDENCY_SAMPLES: usize = 1024;
 
-/// The fraction of `range` resident in the page cache, from at most [`RESIDENCY_SAMPLES`]
+/// The fraction of `range` resident in the page cache, from at most `RESIDENCY_SAMPLES`
 /// evenly spaced pages: asking about every page of a 5 GB shard took 40-55 ms on the H100
 /// machine, a quarter of the time its warm copy takes, for a yes/no decision (warm or cold).
 pub fn resident_fraction(range: &[u8]) -> f64 {
@@ -202,6 +202,27 @@ fn parallel_read(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()
 ///
 /// Registrations of a finished file are released by a background thread while the next file
 /// is copied; dropping the engine waits for it, so drop the engine before the mapped files.
+///
+/// ```
+/// use gpu_mem::upload::{Dst, Piece, UploadEngine, UploadPath};
+/// use gpu_mem::{cuda::Context, discover, Device};
+/// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/tiny-llama/model-00001-of-00003.safetensors");
+/// let file = std::fs::File::open(path)?;
+/// let bytes = std::fs::read(path)?; // in production: the file's shared memory map
+/// // The GPUs of this machine (none on CI: the host is then the one device).
+/// let contexts = discover()?
+///     .iter()
+///     .filter_map(|d| match d.device { Device::Cuda(n) => Context::new(n).ok(), Device::Host => None })
+///     .collect::<Vec<_>>();
+/// let mut engine = UploadEngine::new(&contexts)?;
+/// // The first 64 bytes after the 8-byte header length, to a host buffer.
+/// let mut host = vec![0u8; 64];
+/// let mut pieces = [Piece { offset: 8, len: 64, dst: Dst::Host(&mut host) }];
+/// assert_eq!(engine.upload(&file, &bytes, &mut pieces)?, UploadPath::Host);
+/// engine.flush()?;
+/// assert_eq!(host, bytes[8..72]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct UploadEngine {
     streams: Vec<(u32, Vec<Stream>)>,
     staging: Vec<PinnedBuffer>,

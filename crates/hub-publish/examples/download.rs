@@ -1,5 +1,5 @@
 //! Downloads every file of a Hub repository into the Hugging Face cache, as `load` and `merge`
-//! do for a Hub id, and prints what it transferred (for scripts/device-download-bench.sh).
+//! do for a Hub id, and prints what it transferred (for scripts/device/download-bench.sh).
 //!
 //!     cargo run --release -p hub-publish --example download -- OWNER/NAME[@REV]
 //!

@@ -110,6 +110,16 @@ impl PreparedFolder {
 
 /// Checks that `folder` is a complete checkpoint that may be published to `repo_id`, hashes
 /// every file (in parallel) and decides the card.
+///
+/// ```
+/// use hub_publish::{prepare, CardOverrides, CardPolicy};
+/// # let folder = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/tiny-llama"));
+/// // No network: the folder's checks, hashes and card, as `publish --dry-run` shows them.
+/// let prepared = prepare(folder, "me/tiny-llama", &CardPolicy::default(), &CardOverrides::default(), &|_| {})?;
+/// assert!(prepared.files.iter().any(|f| f.path_in_repo == "model.safetensors.index.json"));
+/// assert!(prepared.card.contains("library_name: transformers"));
+/// # Ok::<(), hub_publish::Error>(())
+/// ```
 pub fn prepare(
     folder: &Path,
     repo_id: &str,

@@ -6,7 +6,7 @@
 //!     cargo run --release -p lora-kernels --example kernel_rate -- [ROWS COLS RANK ROWS_PER_LAUNCH]
 //!
 //! Default: a Llama-3-8B MLP weight, 14336 × 4096 BF16, r = 16, the whole tensor per launch;
-//! `scripts/device-kernel-rate.sh` runs it beside torch's device copy (the memory ceiling) and
+//! `scripts/device/kernel-rate.sh` runs it beside torch's device copy (the memory ceiling) and
 //! torch's `addmm` merge on the same shape.
 //!
 //! To compare kernels: `WEIGHTSMITH_MERGE_KERNEL=NAME` runs that kernel of the PTX instead,

@@ -9,10 +9,27 @@
 //!
 //! The CPU path ([`cpu`]) is multi-threaded over rows, streams a tensor block by block so no
 //! f32 copy of a whole tensor is ever made, and its inner loop keeps a strip of columns in
-//! vector registers over all the terms (AVX2 + FMA where the CPU has them). An f64 twin ([`reference`]) recomputes sample rows to verify a merge. The CUDA
+//! vector registers over all the terms (AVX2 + FMA where the CPU has them). An f64 twin ([`reference`](mod@reference)) recomputes sample rows to verify a merge. The CUDA
 //! path ([`gpu`], PTX built by `cargo xtask build-kernels` and embedded) does the same
 //! arithmetic in the same order, so it gives the same bits.
 //! It deliberately does not read files or choose devices.
+//!
+//! ```
+//! use lora_kernels::cpu::merge_rows;
+//! use lora_kernels::{LoraProduct, LoraTerm};
+//! use st_io::Dtype;
+//! // W = I (2×2, BF16), A = [1, 1] (rank 1), B = [1, 2]ᵀ, scale 0.5: W' = W + 0.5·B·A.
+//! let one = half::bf16::from_f32(1.0).to_le_bytes();
+//! let zero = half::bf16::from_f32(0.0).to_le_bytes();
+//! let base: Vec<u8> = [one, zero, zero, one].concat();
+//! let term = LoraTerm { a: &[1.0, 1.0], b: &[1.0, 2.0], rank: 1, scale: 0.5 };
+//! let product = LoraProduct::new(2, 2, false, &[term])?;
+//! let mut out = vec![0u8; base.len()];
+//! merge_rows(&base, Dtype::BF16, 2, Some(&product), None, 0, Dtype::BF16, &mut out)?;
+//! let merged: Vec<f32> = out.chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+//! assert_eq!(merged, [1.5, 0.5, 1.0, 2.0]);
+//! # Ok::<(), lora_kernels::Error>(())
+//! ```
 
 pub mod cpu;
 pub mod dequant;

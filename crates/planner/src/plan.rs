@@ -281,6 +281,35 @@ fn prepare(req: &PlanRequest) -> Result<Prepared, Error> {
 
 /// Plans. On `DoesNotFit`, the error says what was needed, what was available, the first unit
 /// that did not fit, and which changes would make the model fit.
+///
+/// ```
+/// use planner::{plan, CacheDtype, CacheSpec, DeviceSpec, ModelDims, Placement, PlanRequest, Strategy, UnitSpec};
+/// use st_io::layout::UnitKind;
+/// const GIB: u64 = 1 << 30;
+/// // An 8-layer model of 1 GiB layers, 128 KiB of f16 KV cache per token per layer.
+/// let mut units = vec![UnitSpec { name: "embedding".into(), kind: UnitKind::Embedding, weight_bytes: GIB }];
+/// for i in 0..8 {
+///     units.push(UnitSpec { name: format!("layers.{i}"), kind: UnitKind::Layer(i), weight_bytes: GIB });
+/// }
+/// units.push(UnitSpec { name: "head".into(), kind: UnitKind::Head, weight_bytes: GIB });
+/// let dims = ModelDims { kv_heads: 8, head_dim: 128, hidden_size: 4096, intermediate_size: 14336,
+///                        vocab_size: 128256, ..ModelDims::default() };
+/// let gpu = |name: &str| DeviceSpec { name: name.into(), capacity_bytes: 8 * GIB, reserve_bytes: GIB / 2,
+///                                     overhead_bytes: Some(GIB / 2) };
+/// let request = PlanRequest {
+///     units, dims,
+///     cache: CacheSpec { seq_len: 4096, batch: 1, dtype: CacheDtype::F16 },
+///     devices: vec![gpu("cuda:0"), gpu("cuda:1")],
+///     strategy: Strategy::Balanced,
+///     embedding_on_host: false,
+/// };
+/// let p = plan(&request)?;
+/// assert_eq!(p.layers_per_device(), vec![4, 4]);
+/// assert_eq!(p.units[0].device, Placement::Device(0));
+/// // The head goes with the last layer; every device keeps its reserve.
+/// assert!(p.devices.iter().all(|d| d.free_after_bytes > 0));
+/// # Ok::<(), planner::Error>(())
+/// ```
 pub fn plan(req: &PlanRequest) -> Result<Plan, Error> {
     match plan_without_advice(req) {
         Err(Error::DoesNotFit {

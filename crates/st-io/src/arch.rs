@@ -1,6 +1,6 @@
 //! Architecture knowledge, as data: what transformers itself says about each model family.
 //!
-//! `architectures.json` is written by `scripts/make_arch_matrix.py`, which builds a tiny model
+//! `architectures.json` is written by `scripts/fixtures/make_arch_matrix.py`, which builds a tiny model
 //! of every family in the matrix with transformers and records, per `model_type`:
 //! - the tensors a checkpoint holds, as templates (`model.layers.{i}.mlp.experts.{e}.w1.weight`):
 //!   the model's own (embedding, norm, head) and each kind of decoder layer (dense, MoE);

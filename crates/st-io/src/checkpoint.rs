@@ -118,6 +118,16 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens a `.safetensors` file or a Hugging Face model folder.
+    /// ```
+    /// # let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/tiny-llama");
+    /// let ckpt = st_io::Checkpoint::open(model)?; // the folder: three shards and their index
+    /// assert_eq!(ckpt.files().len(), 3);
+    /// assert_eq!(ckpt.tensors().len(), 30);
+    /// // A missing file is an error naming it, never a panic.
+    /// let e = st_io::Checkpoint::open("no/such/model").unwrap_err();
+    /// assert!(e.to_string().contains("no/such/model"));
+    /// # Ok::<(), st_io::Error>(())
+    /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;

@@ -20,6 +20,30 @@
 //!
 //! What it deliberately does not do: talk to GPUs, decide placement, merge adapters, or read
 //! PyTorch pickle files (they can run code when loaded).
+//!
+//! ```
+//! use st_io::{Checkpoint, Dtype, ShardWriter, TensorSpec, WriterOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/tiny-llama");
+//! // Open a checkpoint (a file, a folder, or a sharded folder with its index), validated.
+//! let ckpt = Checkpoint::open(model)?;
+//! let embed = ckpt.tensor("model.embed_tokens.weight").expect("a llama has one");
+//! assert_eq!((embed.dtype, embed.shape.as_slice()), (Dtype::BF16, &[256, 64][..]));
+//! let bytes: &[u8] = ckpt.tensor_bytes(embed); // zero-copy
+//! // Placement units, in model order.
+//! let units: Vec<String> = ckpt.layout().units.iter().map(|u| u.name.clone()).collect();
+//! assert_eq!(units, ["embedding", "layers.0", "layers.1", "layers.2", "norm", "head"]);
+//!
+//! // Write it again as one shard: headers known before the first byte, renamed into place
+//! // only when complete.
+//! let out = tempfile::tempdir()?;
+//! let specs = vec![TensorSpec::new(&embed.name, embed.dtype, embed.shape.clone())];
+//! let mut writer = ShardWriter::create(out.path().join("copy"), specs, WriterOptions::default())?;
+//! writer.write_tensor(&embed.name, bytes)?;
+//! writer.finish()?;
+//! assert_eq!(Checkpoint::open(out.path().join("copy"))?.tensors().len(), 1);
+//! # Ok(()) }
+//! ```
 
 pub mod adapter;
 pub mod arch;

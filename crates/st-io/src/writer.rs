@@ -354,6 +354,24 @@ fn room_for(needed: u64, free: u64, replaced: u64) -> Room {
 impl ShardWriter {
     /// Plans the shards and creates the temporary folder. Fails if `dest` exists and
     /// `options.replace_existing` is not set.
+    ///
+    /// ```
+    /// use st_io::{Dtype, ShardWriter, TensorSpec, WriterOptions};
+    /// let dir = tempfile::tempdir()?;
+    /// let specs = vec![
+    ///     TensorSpec::new("a.weight", Dtype::BF16, [2, 2]),
+    ///     TensorSpec::new("b.weight", Dtype::F16, [4]),
+    /// ];
+    /// // A 8-byte maximum shard size: each tensor in its own shard, with an index.
+    /// let options = WriterOptions { max_shard_bytes: 8, ..WriterOptions::default() };
+    /// let mut w = ShardWriter::create(dir.path().join("out"), specs, options)?;
+    /// w.write_tensor("a.weight", &[0u8; 8])?;
+    /// w.write_tensor("b.weight", &[1u8; 8])?;
+    /// let summary = w.finish()?;
+    /// assert_eq!(summary.files.len(), 3); // two shards and the index
+    /// assert!(dir.path().join("out/model.safetensors.index.json").is_file());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn create(
         dest: impl AsRef<Path>,
         specs: Vec<TensorSpec>,

@@ -5,7 +5,7 @@
 //! same parsing and library calls as the CLI — and returns the CLI's `--json` document. Long
 //! calls run on a worker thread while the calling thread, the GIL released between polls,
 //! forwards progress to a Python callable and watches for Ctrl-C (which cancels a merge
-//! cleanly, then raises KeyboardInterrupt). `load` returns [`Tensor`]s that implement the
+//! cleanly, then raises KeyboardInterrupt). `load` returns `Tensor`s that implement the
 //! DLPack protocol (`__dlpack__`, `__dlpack_device__`): `torch.from_dlpack` and
 //! `numpy.from_dlpack` take them without a copy, and the model's memory is freed when the last
 //! tensor (and the last object holding it) is gone. It adds no logic of its own.

@@ -6,6 +6,45 @@
 //! (`--features cli`, on by default) adds argument parsing and printing only.
 //!
 //! The verbs: [`inspect()`], [`plan_checkpoint`], [`load()`], [`merge()`] and [`publish()`].
+//!
+//! Depend on it with `default-features = false` to leave the CLI's dependencies out. On the
+//! checkpoint and adapter that ship in the repository:
+//!
+//! ```
+//! use weightsmith::plan::{DeviceChoice, SplitChoice};
+//! use weightsmith::{inspect, load, merge, plan_checkpoint, InspectOptions, LoadOptions, MergeDevice,
+//!     MergeOptions, PlanOptions};
+//! # let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+//! let base = format!("{root}/fixtures/models/tiny-llama");
+//! let adapter = format!("{root}/fixtures/adapters/llama-lora/adapter");
+//!
+//! // inspect: headers, units, problems (a path or a Hub id).
+//! let report = inspect(&base, &InspectOptions::default())?;
+//! assert_eq!(report.tensor_count, 30);
+//!
+//! // plan: two simulated 1 GiB GPUs, balanced.
+//! let options = PlanOptions {
+//!     devices: DeviceChoice::Simulated(vec![1 << 30, 1 << 30]),
+//!     split: SplitChoice::Balanced,
+//!     ..PlanOptions::default()
+//! };
+//! let plan = plan_checkpoint(&base, &options)?;
+//! assert_eq!(plan.plan.layers_per_device(), vec![2, 1]);
+//!
+//! // merge: a standalone 16-bit checkpoint, written whole or not at all.
+//! let out = tempfile::tempdir()?;
+//! let mut options = MergeOptions::new(vec![(adapter.into(), 1.0)], out.path().join("merged"));
+//! options.device = MergeDevice::Cpu;
+//! let merged = merge(&base, &options, &mut |_progress| {})?;
+//! assert_eq!(merged.tensors_written, 30);
+//!
+//! // load: into host memory here (onto the GPUs where there are some).
+//! let options = LoadOptions { host_only: true, ..LoadOptions::default() };
+//! let model = load(out.path().join("merged"), &options, &mut |_progress| {})?;
+//! let embed = model.tensor("model.embed_tokens.weight").expect("loaded");
+//! assert_eq!(embed.shape, [256, 64]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod card;
 #[cfg(feature = "cli")]
