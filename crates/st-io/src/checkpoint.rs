@@ -56,6 +56,8 @@ pub struct ShardFile {
     pub len: u64,
     pub header_len: u64,
     pub metadata: Option<Vec<(String, String)>>,
+    // Declared before `map`: unregistered before the mapping goes away.
+    guard: crate::mapguard::MapGuard,
     map: Mmap,
 }
 
@@ -67,17 +69,23 @@ impl ShardFile {
 
     fn open_with_tensors(path: &Path, name: String) -> Result<(ShardFile, Vec<HeaderTensor>)> {
         let file = crate::paths::open_regular(path)?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        let len = meta.len();
         if len < 8 {
             return Err(Error::FileTooShort {
                 file: path.to_path_buf(),
                 len,
             });
         }
-        // SAFETY: the map is read-only and private to this process. Another process truncating
-        // or rewriting the file while we hold it is outside what any mmap-based reader can
-        // guard against; we never hand out references that outlive `self`.
+        // SAFETY: a shared, read-only mapping (shared so that the GPU upload can register it),
+        // whose references never outlive `self`. What it assumes: nobody writes the file in
+        // place while we read it. A file another process truncates or rewrites is not prevented
+        // but caught: a read past its new end faults, `mapguard` turns the fault into zeros
+        // and a mark, and `check_intact` (which every verb calls before it presents a result)
+        // reports the file; new contents written in place are caught by the size and identity
+        // checks only when the size changed.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let guard = crate::mapguard::MapGuard::new(&map, &meta);
         let header = Header::parse(path, &map)?;
         let file = ShardFile {
             path: path.to_path_buf(),
@@ -85,6 +93,7 @@ impl ShardFile {
             len,
             header_len: header.header_len,
             metadata: header.metadata,
+            guard,
             map,
         };
         Ok((file, header.tensors))
@@ -93,6 +102,17 @@ impl ShardFile {
     /// The whole file's bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.map
+    }
+
+    /// An error naming the file when it shrank, grew or was replaced since it was mapped (what
+    /// was read from it may then be zeros or stale, and must not be used).
+    pub fn check_intact(&self) -> Result<()> {
+        self.guard
+            .check(&self.path)
+            .map_err(|message| Error::ChangedWhileRead {
+                file: self.path.clone(),
+                message,
+            })
     }
 }
 
@@ -117,6 +137,12 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Every file of the checkpoint is still the file that was mapped, with its length, and no
+    /// read of it faulted: call it after the last read and before presenting a result.
+    pub fn check_intact(&self) -> Result<()> {
+        self.files.iter().try_for_each(ShardFile::check_intact)
+    }
+
     /// Opens a `.safetensors` file or a Hugging Face model folder.
     /// ```
     /// # let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/tiny-llama");

@@ -46,6 +46,8 @@ pub enum Error {
         more: usize,
     },
 
+    #[error("{}: {message}", file.display())]
+    ChangedWhileRead { file: PathBuf, message: String },
     // ---- the safetensors header ----
     #[error("{}: file is {len} bytes, shorter than the 8-byte header length of a safetensors file", file.display())]
     FileTooShort { file: PathBuf, len: u64 },

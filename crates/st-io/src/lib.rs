@@ -16,6 +16,8 @@
 //!   converts on-disk tensors to in-memory parameters, as data made by transformers itself
 //!   ([`arch`]);
 //! - reads only regular files, and keeps outputs apart from inputs ([`paths`]);
+//! - survives a file that shrinks while it is mapped: no SIGBUS, an error naming the file
+//!   ([`mapguard`], [`Checkpoint::check_intact`]);
 //! - reads PEFT LoRA adapters: config, patterns, LoRA/DoRA/embedding tensors ([`LoraAdapter`]).
 //!
 //! What it deliberately does not do: talk to GPUs, decide placement, merge adapters, or read
@@ -54,6 +56,7 @@ pub mod dtype;
 pub mod error;
 pub mod header;
 pub mod layout;
+pub mod mapguard;
 pub mod paths;
 pub mod quant;
 pub mod readahead;

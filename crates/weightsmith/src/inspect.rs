@@ -110,6 +110,7 @@ pub fn inspect(path: impl AsRef<Path>, options: &InspectOptions) -> Result<Inspe
     let source = crate::source::for_headers(path.as_ref())?;
     let checkpoint = Checkpoint::open(&source.path)?;
     let linears = st_io::quant::quantized_linears(&checkpoint)?;
+    checkpoint.check_intact()?;
     Ok(report(
         Path::new(&source.display()),
         &checkpoint,

@@ -357,6 +357,8 @@ pub fn load(
             let Some(k) = tensor_index[i] else { continue };
             let back = tensors[k].buffer.read_back()?;
             if back.as_slice() != checkpoint.tensor_bytes(info) {
+                // A file that changed under us is what the user must hear about first.
+                checkpoint.check_intact()?;
                 return Err(Error::Load {
                     unit: info.name.clone(),
                     device: tensors[k].device.to_string(),
@@ -369,6 +371,8 @@ pub fn load(
     } else {
         None
     };
+    // Every byte came from the files as they were when mapped, or the load fails naming the file.
+    checkpoint.check_intact()?;
     let mut devices = Vec::new();
     for d in &plan.plan.devices {
         let device = device_of(Placement::Device(d.index));

@@ -471,6 +471,12 @@ pub fn merge(
     if cancelled() {
         return Err(interrupted());
     }
+    // A base or adapter file another process truncated or replaced while we read it: what
+    // was read may be zeros (st-io's map guard) or stale; the output is not presented.
+    base.check_intact()?;
+    for (a, _) in &adapters {
+        a.weights.check_intact()?;
+    }
     let disk_wait = writer.disk_wait();
     let summary = writer.finish()?;
     if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {

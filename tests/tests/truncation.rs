@@ -1,0 +1,113 @@
+//! A checkpoint file truncated by another process while a verb reads it (a trainer saving
+//! into the folder we read): an error naming the file, no output, nothing left behind, and
+//! never SIGBUS — for a merge, a load and a load's verification (issue #26).
+
+use std::path::{Path, PathBuf};
+
+use weightsmith::{load, merge, LoadOptions, MergeDevice, MergeOptions};
+use weightsmith_tests::{copy_fixture, fixture};
+
+/// Truncates `file` to 100 bytes from another thread, as another process would.
+fn truncate_from_another_thread(file: PathBuf) {
+    std::thread::spawn(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_shard_truncated_during_a_merge_is_an_error_naming_it_and_leaves_no_output() {
+    let work = tempfile::tempdir().unwrap();
+    let base = copy_fixture("models/tiny-llama", work.path());
+    let victim = base.join("model-00003-of-00003.safetensors");
+    let out_parent = work.path().join("outs");
+    std::fs::create_dir(&out_parent).unwrap();
+    let mut options = MergeOptions::new(
+        vec![(fixture("adapters/llama-lora/adapter"), 1.0)],
+        out_parent.join("merged"),
+    );
+    options.device = MergeDevice::Cpu;
+    let mut done = false;
+    let result = merge(&base, &options, &mut |_| {
+        if !done {
+            done = true;
+            truncate_from_another_thread(victim.clone());
+        }
+    });
+    let e = result
+        .expect_err("a truncated base must not merge")
+        .to_string();
+    assert!(e.contains("model-00003-of-00003.safetensors"), "{e}");
+    assert!(done, "the merge reported progress");
+    assert!(
+        entries(&out_parent).is_empty(),
+        "left behind: {:?}",
+        entries(&out_parent)
+    );
+}
+
+#[test]
+fn a_shard_truncated_during_a_load_is_an_error_naming_it() {
+    let work = tempfile::tempdir().unwrap();
+    let base = copy_fixture("models/tiny-llama", work.path());
+    let victim = base.join("model-00003-of-00003.safetensors");
+    let options = LoadOptions {
+        host_only: true,
+        ..LoadOptions::default()
+    };
+    let mut done = false;
+    let result = load(&base, &options, &mut |_| {
+        if !done {
+            done = true;
+            truncate_from_another_thread(victim.clone());
+        }
+    });
+    let e = result
+        .err()
+        .expect("a truncated shard must not load")
+        .to_string();
+    assert!(e.contains("model-00003-of-00003.safetensors"), "{e}");
+}
+
+#[test]
+fn a_shard_truncated_before_its_verification_is_an_error_naming_it() {
+    let work = tempfile::tempdir().unwrap();
+    let base = copy_fixture("models/tiny-llama", work.path());
+    // Copied first, truncated while the last file is copied: the verification then reads
+    // the first file's mapping past its new end.
+    let victim = base.join("model-00001-of-00003.safetensors");
+    let options = LoadOptions {
+        host_only: true,
+        verify: true,
+        ..LoadOptions::default()
+    };
+    let mut done = false;
+    let result = load(&base, &options, &mut |p| {
+        if !done && p.file.starts_with("model-00003") {
+            done = true;
+            truncate_from_another_thread(victim.clone());
+        }
+    });
+    assert!(done);
+    let e = result
+        .err()
+        .expect("a truncated shard must fail verification")
+        .to_string();
+    assert!(e.contains("model-00001-of-00003.safetensors"), "{e}");
+    assert!(e.contains("shrank") || e.contains("changed size"), "{e}");
+}
