@@ -476,3 +476,73 @@ fn an_adapter_that_overflows_fails_naming_the_tensor_and_leaves_nothing() {
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 }
+
+/// The libraries log through `tracing`; the CLI shows their debug events on stderr when
+/// `WEIGHTSMITH_TRACE` is set, and nothing of them otherwise.
+#[test]
+fn weightsmith_trace_shows_the_libraries_events_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |trace: bool| {
+        let mut cmd = std::process::Command::new(weightsmith_tests::weightsmith_bin());
+        cmd.args(["merge", "--base"])
+            .arg(weightsmith_tests::fixture("models/tiny-llama"))
+            .arg("--adapter")
+            .arg(weightsmith_tests::fixture("adapters/llama-lora/adapter"))
+            .arg("--out")
+            .arg(dir.path().join("m"))
+            .arg("--force")
+            .env_remove("WEIGHTSMITH_TRACE");
+        if trace {
+            cmd.env("WEIGHTSMITH_TRACE", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert!(run(true).contains("DEBUG merge trace:"));
+    assert!(!run(false).contains("merge trace"));
+}
+
+/// `DIR:W` weights an adapter only when `DIR:W` is not itself a path: an adapter folder named
+/// `run:2` merges with weight 1, and `run:2` beside a folder `run` means `run` weighted 2.
+#[test]
+fn an_adapter_folder_whose_name_ends_in_a_number_is_a_folder_not_a_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = weightsmith_tests::fixture("adapters/llama-lora/adapter");
+    for name in ["run:2", "run"] {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in std::fs::read_dir(&adapter).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let merge = |adapter_arg: &str, out: &str| {
+        let out = dir.path().join(out);
+        let o = weightsmith_tests::weightsmith(&[
+            "merge",
+            "--base",
+            weightsmith_tests::fixture("models/tiny-llama")
+                .to_str()
+                .unwrap(),
+            "--adapter",
+            adapter_arg,
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            report["adapters"][0]["weight"].as_f64().unwrap(),
+            report["adapters"][0]["path"].as_str().unwrap().to_string(),
+        )
+    };
+    let (w, path) = merge(dir.path().join("run:2").to_str().unwrap(), "a");
+    assert_eq!(w, 1.0);
+    assert!(path.ends_with("run:2"), "{path}");
+    std::fs::remove_dir_all(dir.path().join("run:2")).unwrap();
+    let (w, path) = merge(dir.path().join("run:2").to_str().unwrap(), "b");
+    assert_eq!(w, 2.0);
+    assert!(path.ends_with("run"), "{path}");
+}

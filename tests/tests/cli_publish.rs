@@ -654,3 +654,68 @@ print(p)
         assert_eq!(sha256_hex(&got), sha256_hex(&want), "{name:?}");
     }
 }
+
+/// Ctrl-C during `merge --push-to`'s upload ends the process with 130 at once (it used to
+/// print "interrupted" and keep uploading); the merged folder stays complete, so publishing it
+/// again resumes. The "Hub" here accepts connections and never answers: the upload hangs.
+#[test]
+fn ctrl_c_during_the_push_to_upload_stops_it_and_keeps_the_merged_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn); // never answered
+        }
+    });
+    let out_dir = tmp.path().join("merged");
+    let mut child = std::process::Command::new(weightsmith_tests::weightsmith_bin())
+        .args([
+            "merge",
+            "--base",
+            &s(&fixture("models/tiny-llama")),
+            "--adapter",
+        ])
+        .arg(fixture("adapters/llama-lora/adapter"))
+        .arg("--out")
+        .arg(&out_dir)
+        .args([
+            "--push-to",
+            "me/pushed",
+            "--endpoint",
+            &endpoint,
+            "--token",
+            TOKEN,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The merge is done once its output is in place; the upload is then hanging.
+    let started = std::time::Instant::now();
+    while !out_dir.join("model.safetensors").exists() {
+        assert!(started.elapsed().as_secs() < 60, "the merge did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            waited.elapsed().as_secs() < 10,
+            "one Ctrl-C did not stop the upload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("the merged folder is complete"), "{err}");
+    let ckpt = st_io::Checkpoint::open(&out_dir).unwrap();
+    ckpt.require_complete().unwrap();
+}

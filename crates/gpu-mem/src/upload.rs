@@ -259,8 +259,8 @@ impl UploadEngine {
             streams,
             staging: Vec::new(),
             releaser: Some((tx, releaser)),
-            allow_register: std::env::var_os("WEIGHTSMITH_NO_REGISTER").is_none(),
-            staging_config: StagingConfig::from_env(),
+            allow_register: true,
+            staging_config: StagingConfig::default(),
             staging_streams: contexts.iter().map(|c| (c.ordinal, Vec::new())).collect(),
             adapted_percent: None,
             in_flight: Vec::new(),
@@ -320,8 +320,8 @@ impl UploadEngine {
         let t0 = std::time::Instant::now();
         let warm = resident_fraction(&map[lo..hi]) >= 0.9;
         let registrable = warm && self.allow_register && mapping_is_shared(&map[lo..hi]);
-        if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
-            eprintln!(
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(
                 "trace residency: {} MB checked in {:.1} ms",
                 (hi - lo) / 1_000_000,
                 t0.elapsed().as_secs_f64() * 1e3
@@ -451,8 +451,8 @@ impl UploadEngine {
                 (rate(mid - lo, registered_at), rate(hi - mid, staged_at));
             let balanced = 100.0 * staged_rate / (staged_rate + reg_rate);
             let next = (0.5 * staged_percent as f64 + 0.5 * balanced).clamp(5.0, 95.0);
-            if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
-                eprintln!(
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::debug!(
                     "trace mixed: {staged_percent} % staged; registered {:.1} GB/s, staged {:.1} GB/s; next {next:.0} %",
                     reg_rate / 1e9,
                     staged_rate / 1e9
@@ -650,14 +650,14 @@ impl Default for StagingConfig {
 }
 
 impl StagingConfig {
-    /// The default, changed by `WEIGHTSMITH_STAGE_WORKERS`, `WEIGHTSMITH_STAGE_MB` and
-    /// `WEIGHTSMITH_WARM_STAGED_PERCENT` where they hold positive numbers (for measurements on
-    /// a new machine); `WEIGHTSMITH_WARM_STAGED_PERCENT=auto` adapts the share from 50 %.
-    pub fn from_env() -> StagingConfig {
+    /// The default, changed by the variables `WEIGHTSMITH_STAGE_WORKERS`,
+    /// `WEIGHTSMITH_STAGE_MB` and `WEIGHTSMITH_WARM_STAGED_PERCENT` where `get` gives them
+    /// positive numbers (for measurements on a new machine; the CLI passes its environment, the
+    /// library reads none); `WEIGHTSMITH_WARM_STAGED_PERCENT=auto` adapts the share from 50 %.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> StagingConfig {
         let mut c = StagingConfig::default();
         let var = |name: &str| {
-            std::env::var(name)
-                .ok()
+            get(name)
                 .and_then(|v| v.parse::<usize>().ok())
                 .filter(|&v| v > 0)
         };
@@ -667,7 +667,7 @@ impl StagingConfig {
         if let Some(p) = var("WEIGHTSMITH_WARM_STAGED_PERCENT") {
             c.warm_staged_percent = p.min(100) as u32;
         }
-        if std::env::var("WEIGHTSMITH_WARM_STAGED_PERCENT").is_ok_and(|v| v == "auto") {
+        if get("WEIGHTSMITH_WARM_STAGED_PERCENT").is_some_and(|v| v == "auto") {
             c.warm_staged_percent = 50;
             c.adapt_warm_share = true;
         }
@@ -811,7 +811,7 @@ fn register_and_copy(
     // Two threads register alternate chunks ahead of the copies (pinning pages is CPU
     // work that would otherwise stall the DMA); this thread enqueues each chunk's copies
     // as soon as it is registered.
-    let trace = std::env::var_os("WEIGHTSMITH_TRACE").is_some();
+    let trace = tracing::enabled!(tracing::Level::DEBUG);
     let started = std::time::Instant::now();
     let populate_ns = std::sync::atomic::AtomicU64::new(0);
     let register_ns = std::sync::atomic::AtomicU64::new(0);
@@ -881,7 +881,7 @@ fn register_and_copy(
     let enqueued = started.elapsed();
     if trace && result.is_ok() {
         let ms = |ns: u64| ns as f64 / 1e6;
-        eprintln!(
+        tracing::debug!(
             "trace registered: {} MB, {} chunks, populate {:.0} ms + register {:.0} ms (thread sum), main waited {:.0} ms, enqueued at {:.0} ms",
             (hi - lo) / 1_000_000, chunks.len(),
             ms(populate_ns.load(std::sync::atomic::Ordering::Relaxed)),

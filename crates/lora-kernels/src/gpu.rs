@@ -143,7 +143,7 @@ impl Drop for GpuMerger {
     fn drop(&mut self) {
         if let Some(t) = self.trace.as_ref().and_then(|t| t.lock().ok()) {
             let gbs = |b: u64, s: f64| b as f64 / s.max(1e-9) / 1e9;
-            eprintln!(
+            tracing::debug!(
                 "gpu merge trace: {} blocks, {:.2} GB in, {:.2} GB out; staging in {:.2} s ({:.1} GB/s), H2D {:.2} s ({:.1} GB/s), kernel {:.2} s ({:.1} GB/s of base+out), D2H {:.2} s ({:.1} GB/s), staging out + stats {:.2} s",
                 t.blocks,
                 t.bytes_in as f64 / 1e9,
@@ -211,7 +211,7 @@ impl GpuMerger {
             dequant,
             stream,
             scratch: Mutex::new(Scratch::default()),
-            trace: std::env::var_os("WEIGHTSMITH_TRACE").map(|_| Mutex::new(Trace::default())),
+            trace: tracing::enabled!(tracing::Level::DEBUG).then(|| Mutex::new(Trace::default())),
         })
     }
 

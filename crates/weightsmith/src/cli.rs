@@ -2,7 +2,7 @@
 //! over the library's verbs. The `weightsmith` binary and the Python package's `weightsmith`
 //! command both run [`main_with_args`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -207,6 +207,7 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let cli = Cli::parse_from(args);
+    trace_from_env();
     download_bar();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,6 +223,32 @@ where
 }
 
 /// A progress bar (bytes, rate, ETA) for downloads from the Hub, on a terminal.
+/// `--no-register`, or `WEIGHTSMITH_NO_REGISTER` set (the CLI maps its environment to
+/// options; the libraries read none).
+fn no_register(flag: bool) -> bool {
+    flag || std::env::var_os("WEIGHTSMITH_NO_REGISTER").is_some()
+}
+
+/// The staged path's shape from `WEIGHTSMITH_STAGE_WORKERS`, `WEIGHTSMITH_STAGE_MB` and
+/// `WEIGHTSMITH_WARM_STAGED_PERCENT`.
+fn staging_from_env() -> gpu_mem::upload::StagingConfig {
+    gpu_mem::upload::StagingConfig::from_vars(|k| std::env::var(k).ok())
+}
+
+/// `WEIGHTSMITH_TRACE=1`: the libraries' `tracing` events at debug level (stage timings,
+/// read-ahead, per-file copy paths) on stderr.
+fn trace_from_env() {
+    if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing::Level::DEBUG)
+            .without_time()
+            .with_target(false)
+            .with_ansi(false)
+            .try_init();
+    }
+}
+
 fn download_bar() {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
@@ -245,15 +272,31 @@ fn download_bar() {
 }
 
 /// Ctrl-C (SIGINT), SIGTERM and SIGHUP during a merge: the first sets the merge's cancel flag,
-/// so it stops and removes its partial output; a second ends the process at once.
+/// so it stops and removes its partial output; a second ends the process at once. During the
+/// upload of `merge --push-to` (after [`uploading`]) the first one ends the process with 130:
+/// the merged folder is complete, and publishing it again resumes the upload.
 mod interrupt {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, OnceLock};
 
     static CANCEL: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    static UPLOADING: AtomicBool = AtomicBool::new(false);
+
+    /// From now on a signal ends the process (the merged output is in place).
+    pub fn uploading() {
+        UPLOADING.store(true, Ordering::SeqCst);
+    }
 
     extern "C" fn on_signal(_: libc::c_int) {
-        // Only async-signal-safe work here: an atomic swap, write(2) and _exit(2).
+        // Only async-signal-safe work here: atomics, write(2) and _exit(2).
+        if UPLOADING.load(Ordering::SeqCst) {
+            let msg = b"\nweightsmith: interrupted during the upload; the merged folder is complete: `weightsmith publish` it to resume\n";
+            // SAFETY: write(2) from a static buffer and _exit(2) are async-signal-safe.
+            unsafe {
+                libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+                libc::_exit(130);
+            }
+        }
         let Some(cancel) = CANCEL.get() else {
             // SAFETY: _exit is async-signal-safe and ends the process.
             unsafe { libc::_exit(130) };
@@ -336,6 +379,19 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 print!("{}", merge_text(&report));
             }
             if let Some(mut opts) = push {
+                // A Ctrl-C that came as the output was put in place stops here, before any
+                // byte is uploaded; one during the upload ends the process (see `interrupt`).
+                interrupt::uploading();
+                if options
+                    .cancel
+                    .as_ref()
+                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+                {
+                    return Err(Box::new(crate::Error::Interrupted(format!(
+                        "interrupted before the upload; {} is complete: `weightsmith publish` it",
+                        args.out.display()
+                    ))));
+                }
                 if opts.hub.commit_message.is_none() {
                     opts.hub.commit_message = Some(format!(
                         "Merge {} LoRA adapter(s) into the base with weightsmith {}",
@@ -372,8 +428,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let options = crate::LoadOptions {
                 plan: plan_options(&args.plan)?,
                 verify: args.verify,
-                no_register: args.no_register,
+                no_register: no_register(args.no_register),
                 host_only: false,
+                staging: staging_from_env(),
             };
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
@@ -498,7 +555,9 @@ fn merge_options(args: &MergeArgs) -> Result<crate::MergeOptions, Box<dyn std::e
         .adapters
         .iter()
         .map(|a| match a.rsplit_once(':') {
-            Some((path, w)) if w.parse::<f64>().is_ok() => {
+            // `DIR:W` is a weight only when `DIR:W` itself is not a path (a folder named
+            // `run:2` is an adapter, not `run` weighted 2).
+            Some((path, w)) if w.parse::<f64>().is_ok() && !Path::new(a).exists() => {
                 let weight: f64 = w.parse().unwrap_or(1.0);
                 if weight.is_finite() {
                     Ok((PathBuf::from(path), weight))
@@ -867,8 +926,9 @@ fn load_inner(
     let options = crate::LoadOptions {
         plan: plan_options(&args.plan)?,
         verify: args.verify,
-        no_register: args.no_register,
+        no_register: no_register(args.no_register),
         host_only,
+        staging: staging_from_env(),
     };
     Ok(crate::load(&args.plan.model, &options, &mut |p| {
         progress(p.bytes_done, p.bytes_total, p.file)

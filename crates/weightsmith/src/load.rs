@@ -193,6 +193,8 @@ pub struct LoadOptions {
     pub no_register: bool,
     /// Load into host memory even where GPUs are present.
     pub host_only: bool,
+    /// The staged path's shape (reader threads, window size, warm share).
+    pub staging: gpu_mem::upload::StagingConfig,
 }
 
 /// Plans, checks, allocates and copies. Any failure frees everything already allocated and
@@ -276,13 +278,14 @@ pub fn load(
     let ctx_list: Vec<Arc<Context>> = contexts.values().cloned().collect();
     let mut engine = UploadEngine::new(&ctx_list)?;
     engine.allow_register = !options.no_register;
+    engine.staging_config = options.staging;
     let bytes_total: u64 = checkpoint.total_tensor_bytes();
     let mut bytes_done = 0u64;
     let mut files = Vec::new();
     let mut per_device_bytes: HashMap<Device, u64> = HashMap::new();
     let tensor_devices: Vec<Device> = tensors.iter().map(|t| t.device).collect();
     let copy_started = Instant::now();
-    let trace = std::env::var_os("WEIGHTSMITH_TRACE").is_some();
+    let trace = tracing::enabled!(tracing::Level::DEBUG);
     for (f, shard) in checkpoint.files().iter().enumerate() {
         let file_started = Instant::now();
         let units = units_of_file(&layout, &plan, checkpoint.tensors(), f);
@@ -328,7 +331,7 @@ pub fn load(
             })?;
         files.push((shard.name.clone(), taken.name().to_string()));
         if trace {
-            eprintln!(
+            tracing::debug!(
                 "trace file {}: {:.1} ms in all",
                 shard.name,
                 file_started.elapsed().as_secs_f64() * 1e3

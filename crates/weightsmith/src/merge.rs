@@ -166,9 +166,44 @@ struct LoraJob<'a> {
     out: usize,
     inp: usize,
     transposed: bool,
-    terms: Vec<(Vec<f32>, Vec<f32>, usize, f64)>,
+    /// `(A, B, rank, scale)` of each term.
+    terms: Vec<(Factors<'a>, usize, f64)>,
     magnitude: Option<Vec<f32>>,
-    _marker: std::marker::PhantomData<&'a ()>,
+}
+
+/// A term's `A` and `B`: as the adapter stores them (decoded to f32 only while their tensor is
+/// merged, so a merge holds the factors of one tensor at a time, not the whole adapter's), or
+/// already built in f32 (the per-expert blocks of a LoRA on a fused parameter).
+enum Factors<'a> {
+    Stored {
+        a: &'a [u8],
+        a_dtype: Dtype,
+        b: &'a [u8],
+        b_dtype: Dtype,
+    },
+    Built(Vec<f32>, Vec<f32>),
+}
+
+/// `A` and `B` in f32.
+type FactorsF32<'f> = (std::borrow::Cow<'f, [f32]>, std::borrow::Cow<'f, [f32]>);
+
+impl Factors<'_> {
+    /// `A` and `B` in f32, borrowed when built already.
+    fn decode(&self) -> Result<FactorsF32<'_>> {
+        use std::borrow::Cow;
+        Ok(match self {
+            Factors::Stored {
+                a,
+                a_dtype,
+                b,
+                b_dtype,
+            } => (
+                Cow::Owned(to_f32_vec(*a_dtype, a)?),
+                Cow::Owned(to_f32_vec(*b_dtype, b)?),
+            ),
+            Factors::Built(a, b) => (Cow::Borrowed(a), Cow::Borrowed(b)),
+        })
+    }
 }
 
 /// Merges the adapters into the base and writes the result to `options.out`.
@@ -479,8 +514,8 @@ pub fn merge(
     }
     let disk_wait = writer.disk_wait();
     let summary = writer.finish()?;
-    if std::env::var_os("WEIGHTSMITH_TRACE").is_some() {
-        eprintln!(
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(
             "merge trace: {:.2} GB read ahead; the writing thread: {:.2} s waiting for merged bytes, {:.2} s writing them, {:.2} s of it waiting for the disk's writes; of {:.2} s",
             bytes_read_ahead as f64 / 1e9,
             waited_for_merge.as_secs_f64(),
@@ -689,7 +724,6 @@ fn plan_jobs<'a>(
                     transposed: term.transposed,
                     terms: Vec::new(),
                     magnitude: None,
-                    _marker: std::marker::PhantomData,
                 });
                 if (lora.out, lora.inp, lora.transposed) != (term.out, term.inp, term.transposed) {
                     return Err(module_error(
@@ -698,8 +732,11 @@ fn plan_jobs<'a>(
                         format!("adapts \"{name}\" in a shape another adapter does not"),
                     ));
                 }
-                lora.terms
-                    .push((term.a, term.b, term.rank, term.scaling * weight));
+                lora.terms.push((
+                    Factors::Built(term.a, term.b),
+                    term.rank,
+                    term.scaling * weight,
+                ));
                 continue;
             }
             let module = if a.modules.contains_key(disk_module) {
@@ -748,7 +785,6 @@ fn plan_jobs<'a>(
                 transposed,
                 terms: Vec::new(),
                 magnitude: None,
-                _marker: std::marker::PhantomData,
             });
             if lora.transposed != transposed {
                 return Err(module_error(
@@ -757,9 +793,16 @@ fn plan_jobs<'a>(
                     "is stored transposed in one adapter and not in another".into(),
                 ));
             }
+            // Decoded when this tensor is merged; a dtype that cannot be is refused now.
+            to_f32_vec(m.a.dtype, &[])?;
+            to_f32_vec(m.b.dtype, &[])?;
             lora.terms.push((
-                to_f32_vec(m.a.dtype, a.tensor_bytes(&m.a))?,
-                to_f32_vec(m.b.dtype, a.tensor_bytes(&m.b))?,
+                Factors::Stored {
+                    a: a.tensor_bytes(&m.a),
+                    a_dtype: m.a.dtype,
+                    b: a.tensor_bytes(&m.b),
+                    b_dtype: m.b.dtype,
+                },
                 m.rank as usize,
                 m.scaling * weight,
             ));
@@ -926,8 +969,13 @@ fn produce_job<'a>(
     };
     let product = match &job.lora {
         Some(l) => {
-            let terms: Vec<LoraTerm> = l
+            // This tensor's factors in f32, for this tensor only (dropped with the product).
+            let decoded = l
                 .terms
+                .iter()
+                .map(|(f, r, s)| f.decode().map(|(a, b)| (a, b, *r, *s)))
+                .collect::<Result<Vec<_>>>()?;
+            let terms: Vec<LoraTerm> = decoded
                 .iter()
                 .map(|(a, b, r, s)| LoraTerm {
                     a,
@@ -1110,8 +1158,12 @@ fn verify_output(out: &Path, jobs: &[Job], out_dtype: Dtype) -> Result<VerifyRep
         let bytes = written.tensor_bytes(t);
         let rows = if l.transposed { l.inp } else { l.out };
         let cols = bytes.len() / 2 / rows.max(1);
-        let terms: Vec<lora_kernels::reference::TermRef> = l
+        let decoded = l
             .terms
+            .iter()
+            .map(|(f, r, s)| f.decode().map(|(a, b)| (a, b, *r, *s)))
+            .collect::<Result<Vec<_>>>()?;
+        let terms: Vec<lora_kernels::reference::TermRef> = decoded
             .iter()
             .map(|(a, b, r, s)| lora_kernels::reference::TermRef {
                 a,
