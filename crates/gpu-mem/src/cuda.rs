@@ -197,7 +197,10 @@ impl DeviceAlloc {
         src: &[u8],
         stream: &Stream,
     ) -> Result<(), Error> {
-        if offset + src.len() > self.len {
+        if offset
+            .checked_add(src.len())
+            .is_none_or(|end| end > self.len)
+        {
             return Err(Error::OutOfBounds {
                 offset,
                 len: src.len(),
@@ -229,7 +232,10 @@ impl DeviceAlloc {
         dst: &mut [u8],
         stream: &Stream,
     ) -> Result<(), Error> {
-        if offset + dst.len() > self.len {
+        if offset
+            .checked_add(dst.len())
+            .is_none_or(|end| end > self.len)
+        {
             return Err(Error::OutOfBounds {
                 offset,
                 len: dst.len(),
@@ -253,7 +259,10 @@ impl DeviceAlloc {
 
     /// Copies device memory back to the host (synchronous).
     pub fn copy_to_host(&self, offset: usize, dst: &mut [u8]) -> Result<(), Error> {
-        if offset + dst.len() > self.len {
+        if offset
+            .checked_add(dst.len())
+            .is_none_or(|end| end > self.len)
+        {
             return Err(Error::OutOfBounds {
                 offset,
                 len: dst.len(),
@@ -275,8 +284,11 @@ impl DeviceAlloc {
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
         let _ = self.ctx.bind();
-        // SAFETY: `ptr` came from cuMemAlloc in this context and is freed once.
+        // SAFETY: `ptr` came from cuMemAlloc in this context and is freed once, after every
+        // stream of the context is done: a copy still in flight into it (an early return that
+        // left one enqueued) finishes before the memory can be reused.
         unsafe {
+            sys::cuCtxSynchronize();
             sys::cuMemFree_v2(self.ptr);
         }
     }
@@ -373,8 +385,10 @@ impl PinnedBuffer {
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
         let _ = self.ctx.bind();
-        // SAFETY: allocated by cuMemHostAlloc, freed once.
+        // SAFETY: allocated by cuMemHostAlloc, freed once, after the context's streams are
+        // done with it (as for `DeviceAlloc`).
         unsafe {
+            sys::cuCtxSynchronize();
             sys::cuMemFreeHost(self.ptr as *mut c_void);
         }
     }

@@ -214,16 +214,34 @@ fn parallel_read(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()
 ///     .iter()
 ///     .filter_map(|d| match d.device { Device::Cuda(n) => Context::new(n).ok(), Device::Host => None })
 ///     .collect::<Vec<_>>();
-/// let mut engine = UploadEngine::new(&contexts)?;
-/// // The first 64 bytes after the 8-byte header length, to a host buffer.
+/// // The first 64 bytes after the 8-byte header length, to a host buffer (declared before
+/// // the engine: it must outlive it).
 /// let mut host = vec![0u8; 64];
+/// let mut engine = UploadEngine::new(&contexts)?;
 /// let mut pieces = [Piece { offset: 8, len: 64, dst: Dst::Host(&mut host) }];
 /// assert_eq!(engine.upload(&file, &bytes, &mut pieces)?, UploadPath::Host);
-/// engine.flush()?;
+/// engine.finish(); // waits for every copy; only then are the destinations free again
 /// assert_eq!(host, bytes[8..72]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub struct UploadEngine {
+///
+/// What a copy reads or writes cannot be dropped while the engine lives (the registered
+/// path's copies still run when `upload` returns); this does not compile:
+///
+/// ```compile_fail,E0505
+/// use gpu_mem::upload::{Dst, Piece, UploadEngine};
+/// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/tiny-llama/model-00001-of-00003.safetensors");
+/// let file = std::fs::File::open(path)?;
+/// let bytes = std::fs::read(path)?;
+/// let mut host = vec![0u8; 64];
+/// let mut engine = UploadEngine::new(&[])?;
+/// let mut pieces = [Piece { offset: 8, len: 64, dst: Dst::Host(&mut host) }];
+/// engine.upload(&file, &bytes, &mut pieces)?;
+/// drop(bytes); // error[E0505]: cannot move out of `bytes` because it is borrowed
+/// engine.finish();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct UploadEngine<'m> {
     streams: Vec<(u32, Vec<Stream>)>,
     staging: Vec<PinnedBuffer>,
     releaser: Option<(
@@ -240,11 +258,15 @@ pub struct UploadEngine {
     adapted_percent: Option<f64>,
     /// Registrations whose copies may still be running (see [`UploadEngine::flush`]).
     in_flight: Vec<HostRegion>,
+    /// The maps and destinations handed to [`UploadEngine::upload`] are borrowed for the
+    /// engine's life: safe code cannot drop or touch them while a copy may still use them
+    /// (the engine's drop waits for every copy).
+    borrows: std::marker::PhantomData<&'m mut [u8]>,
 }
 
-impl UploadEngine {
+impl<'m> UploadEngine<'m> {
     /// An engine for these CUDA contexts (none: host only).
-    pub fn new(contexts: &[Arc<Context>]) -> Result<UploadEngine, Error> {
+    pub fn new(contexts: &[Arc<Context>]) -> Result<UploadEngine<'m>, Error> {
         let mut streams = Vec::new();
         for c in contexts {
             streams.push((c.ordinal, vec![Stream::new(c)?, Stream::new(c)?]));
@@ -264,6 +286,7 @@ impl UploadEngine {
             staging_streams: contexts.iter().map(|c| (c.ordinal, Vec::new())).collect(),
             adapted_percent: None,
             in_flight: Vec::new(),
+            borrows: std::marker::PhantomData,
         })
     }
 
@@ -292,13 +315,13 @@ impl UploadEngine {
     /// destinations. Map the file shared (`memmap2::Mmap::map`) for the registered path: a
     /// private mapping always takes the staged one. Returns the path taken. On return every
     /// copy has completed except those of the registered path, which drain while the next
-    /// file is set up: call [`UploadEngine::flush`] before using the destinations, and keep
-    /// `map` and the destinations alive until then.
+    /// file is set up: [`UploadEngine::flush`] waits for them. `map` and the destinations are
+    /// borrowed for the engine's life, so they outlive every copy whatever the caller does.
     pub fn upload(
         &mut self,
         file: &File,
-        map: &[u8],
-        pieces: &mut [Piece],
+        map: &'m [u8],
+        pieces: &mut [Piece<'m>],
     ) -> Result<UploadPath, Error> {
         let (lo, hi) = match (pieces.first(), pieces.last()) {
             (Some(f), Some(l)) => (f.offset as usize, l.offset as usize + l.len),
@@ -754,7 +777,7 @@ fn stage_worker(
     result.and(drained)
 }
 
-impl Drop for UploadEngine {
+impl Drop for UploadEngine<'_> {
     fn drop(&mut self) {
         // Registrations still read by copies are released only once those copies are done;
         // if the device cannot say so, they are kept (leaked) rather than pulled from under it.
@@ -768,7 +791,7 @@ impl Drop for UploadEngine {
     }
 }
 
-impl UploadEngine {
+impl UploadEngine<'_> {
     /// Waits for the copies still running, then until every registration is released.
     pub fn finish(mut self) {
         if !self.in_flight.is_empty() && self.flush().is_err() {

@@ -103,6 +103,77 @@ impl<'a> GptqLayer<'a> {
         })
     }
 
+    /// The sizes every dequantisation indexes by, checked against the buffers: the fields are
+    /// public, so a layer built by hand must not make a kernel read past them.
+    pub fn check_sizes(&self) -> Result<()> {
+        let bad = |message: String| Error::Quantized {
+            tensor: format!("{}.qweight", self.module),
+            message,
+        };
+        let bits = self.params.bits as usize;
+        if ![2, 3, 4, 8].contains(&bits) {
+            return Err(bad(format!("{bits}-bit codes are not GPTQ's 2, 3, 4 or 8")));
+        }
+        let (inp, out, groups) = (
+            self.in_features,
+            self.out_features,
+            self.params.groups as usize,
+        );
+        let word_rows = inp
+            .checked_mul(bits)
+            .map(|b| b.div_ceil(32))
+            .ok_or_else(|| bad(format!("{inp} input rows overflow")))?;
+        let need = |what: &str, have: usize, need: Option<usize>| {
+            match need {
+            Some(n) if have >= n => Ok(()),
+            Some(n) => Err(bad(format!("{what} has {have} bytes; {inp} × {out} at {bits} bits in {groups} groups needs {n}"))),
+            None => Err(bad(format!("the sizes of {what} overflow"))),
+        }
+        };
+        need(
+            "qweight",
+            self.qweight.len(),
+            word_rows.checked_mul(out).and_then(|w| w.checked_mul(4)),
+        )?;
+        let zero_words = out.checked_mul(bits).map(|b| b.div_ceil(32));
+        need(
+            "qzeros",
+            self.qzeros.len(),
+            zero_words
+                .and_then(|w| w.checked_mul(groups))
+                .and_then(|w| w.checked_mul(4)),
+        )?;
+        let scale_size = match self.scales_dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => return Err(Error::Dtype { dtype: other }),
+        };
+        need(
+            "scales",
+            self.scales.len(),
+            groups
+                .checked_mul(out)
+                .and_then(|n| n.checked_mul(scale_size)),
+        )?;
+        if self.g_idx.len() != inp {
+            return Err(bad(format!(
+                "g_idx has {} entries for {inp} input rows",
+                self.g_idx.len()
+            )));
+        }
+        if let Some((i, g)) = self
+            .g_idx
+            .iter()
+            .enumerate()
+            .find(|(_, &g)| g as usize >= groups)
+        {
+            return Err(bad(format!(
+                "g_idx gives input row {i} group {g}, but the layer has {groups} groups"
+            )));
+        }
+        Ok(())
+    }
+
     /// Zero points `[groups][out]` with the format's offset added.
     pub fn zeros(&self) -> Vec<i32> {
         let (groups, out) = (self.params.groups as usize, self.out_features);
@@ -132,6 +203,7 @@ impl<'a> GptqLayer<'a> {
     /// Dequantises into `out` (`out_features × in_features` f32, row-major: the Linear
     /// weight), on all cores.
     pub fn dequantize(&self, out: &mut [f32]) -> Result<()> {
+        self.check_sizes()?;
         let (inp, outf) = (self.in_features, self.out_features);
         if out.len() != inp * outf {
             return Err(Error::Shape {
@@ -182,6 +254,54 @@ impl<'a> GptqLayer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A layer built by hand with buffers shorter than its sizes: an error naming what is
+    /// short, never a read past the end (the GPU kernel takes the same check).
+    #[test]
+    fn a_layer_whose_buffers_do_not_match_its_sizes_is_refused() {
+        let params = GptqParams {
+            bits: 4,
+            group_size: 32,
+            groups: 2,
+            act_order: false,
+            sym: Some(true),
+            zero_offset: 1,
+        };
+        let (qweight, qzeros, scales) = (
+            vec![0u8; 64 * 32 * 4 / 8],
+            vec![0u8; 2 * 4 * 4],
+            vec![0u8; 2 * 32 * 2],
+        );
+        let layer = |qweight: &'static [u8], g_idx: Vec<u32>| GptqLayer {
+            module: "m",
+            params: Box::leak(Box::new(params.clone())),
+            in_features: 64,
+            out_features: 32,
+            qweight,
+            qzeros: Box::leak(qzeros.clone().into_boxed_slice()),
+            scales: Box::leak(scales.clone().into_boxed_slice()),
+            scales_dtype: Dtype::F16,
+            g_idx,
+        };
+        let whole: &'static [u8] = Box::leak(qweight.into_boxed_slice());
+        let groups: Vec<u32> = (0..64).map(|i| i / 32).collect();
+        assert!(layer(whole, groups.clone()).to_f32().is_ok());
+        let short = &whole[..whole.len() - 4];
+        let e = layer(short, groups.clone())
+            .to_f32()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("qweight has") && e.contains("needs 1024"), "{e}");
+        let mut bad = groups.clone();
+        bad[5] = 2;
+        let e = layer(whole, bad).to_f32().unwrap_err().to_string();
+        assert!(e.contains("input row 5 group 2"), "{e}");
+        let e = layer(whole, groups[..10].to_vec())
+            .to_f32()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("g_idx has 10 entries"), "{e}");
+    }
 
     /// Packs codes as GPTQ does (independent of `unpack_code`: bit by bit).
     fn pack_bits(codes: &[u32], bits: u32) -> Vec<u32> {

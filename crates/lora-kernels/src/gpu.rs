@@ -230,6 +230,7 @@ impl GpuMerger {
     /// Dequantises a GPTQ layer on the device (`gptq_dequant` in kernels/dequant.cu), the twin
     /// of [`GptqLayer::dequantize`]: the same f32 values, bit for bit.
     pub fn dequantize_gptq(&self, layer: &GptqLayer) -> Result<Vec<f32>> {
+        layer.check_sizes()?;
         let (inp, outf) = (layer.in_features, layer.out_features);
         let mut values = vec![0f32; inp * outf];
         if values.is_empty() {
@@ -316,6 +317,7 @@ impl GpuMerger {
             left: product.map(|p| self.upload(p.left())).transpose()?,
             right: product.map(|p| self.upload(p.right())).transpose()?,
             rank: product.map_or(0, |p| p.rank()),
+            shape: product.map(|p| (p.stored_rows, p.stored_cols)),
             factors: dora.map(|d| self.upload(d.factors())).transpose()?,
             factor_per_column: dora.is_some_and(|d| d.transposed()),
         })
@@ -348,8 +350,50 @@ impl GpuMerger {
         if cols == 0 || out.is_empty() {
             return Ok(MergeStats::default());
         }
+        // Every size the kernel indexes by, checked against the buffers (none is trusted).
+        let shape_error = |message: String| Error::Shape { message };
+        if out.len() % (cols * 2) != 0 {
+            return Err(shape_error(format!(
+                "an output of {} bytes is not whole rows of {cols} 16-bit values",
+                out.len()
+            )));
+        }
         let rows = out.len() / (cols * 2);
-        let src = &base[first_row * cols * size..(first_row + rows) * cols * size];
+        let end_row = first_row
+            .checked_add(rows)
+            .ok_or_else(|| shape_error(format!("rows {first_row} + {rows} overflow")))?;
+        let src_range = first_row
+            .checked_mul(cols * size)
+            .zip(end_row.checked_mul(cols * size))
+            .filter(|&(_, end)| end <= base.len())
+            .ok_or_else(|| {
+                shape_error(format!(
+                    "rows {first_row}..{end_row} of {cols} columns run past a base of {} bytes",
+                    base.len()
+                ))
+            })?;
+        if let Some((stored_rows, stored_cols)) = t.shape {
+            if stored_cols != cols || end_row > stored_rows {
+                return Err(shape_error(format!(
+                    "rows {first_row}..{end_row} × {cols} columns do not fit the factors' {stored_rows} × {stored_cols}"
+                )));
+            }
+        }
+        if let Some(f) = &t.factors {
+            let needed = if t.factor_per_column { cols } else { end_row };
+            if f.len() < needed * 4 {
+                return Err(shape_error(format!(
+                    "{} DoRA factors for {needed} {}",
+                    f.len() / 4,
+                    if t.factor_per_column {
+                        "columns"
+                    } else {
+                        "rows"
+                    }
+                )));
+            }
+        }
+        let src = &base[src_range.0..src_range.1];
         let mut guard = self.scratch.lock().map_err(|_| Error::Gpu {
             message: "the GPU merger's scratch lock was poisoned".into(),
         })?;
@@ -407,21 +451,28 @@ impl GpuMerger {
         // (kernels/merge.cu) and every buffer has at least the size the kernel indexes: base
         // and out `rows × cols`, left `stored_rows × rank`, right `rank × cols`, factors one
         // per row or column.
-        let (t_h2d, t_kernel);
-        unsafe {
-            d_base
-                .copy_from_host_async(0, staged_in, &self.stream)
-                .map_err(gpu)?;
-            t_h2d = lap(true)?;
-            self.module
-                .launch(kernel, grid, block, &self.stream, &args)
-                .map_err(gpu)?;
-            t_kernel = lap(true)?;
-            d_out
-                .copy_to_host_async(0, staged_out, &self.stream)
-                .map_err(gpu)?;
-        }
-        self.stream.synchronize().map_err(gpu)?;
+        let mut enqueue = || -> Result<(f64, f64)> {
+            unsafe {
+                d_base
+                    .copy_from_host_async(0, staged_in, &self.stream)
+                    .map_err(gpu)?;
+                let t_h2d = lap(true)?;
+                self.module
+                    .launch(kernel, grid, block, &self.stream, &args)
+                    .map_err(gpu)?;
+                let t_kernel = lap(true)?;
+                d_out
+                    .copy_to_host_async(0, staged_out, &self.stream)
+                    .map_err(gpu)?;
+                Ok((t_h2d, t_kernel))
+            }
+        };
+        let enqueued = enqueue();
+        // Whatever failed, nothing enqueued may still use the scratch when this returns: the
+        // next call reuses it.
+        let synced = self.stream.synchronize().map_err(gpu);
+        let (t_h2d, t_kernel) = enqueued?;
+        synced?;
         let t_d2h = lap(false)?;
         parallel_copy(out, staged_out);
         let stats = stats_of(
@@ -455,6 +506,8 @@ pub struct GpuTensor {
     left: Option<DeviceAlloc>,
     right: Option<DeviceAlloc>,
     rank: usize,
+    /// `(stored_rows, stored_cols)` of the product the factors came from.
+    shape: Option<(usize, usize)>,
     factors: Option<DeviceAlloc>,
     factor_per_column: bool,
 }

@@ -284,6 +284,19 @@ pub fn load(
     let mut files = Vec::new();
     let mut per_device_bytes: HashMap<Device, u64> = HashMap::new();
     let tensor_devices: Vec<Device> = tensors.iter().map(|t| t.device).collect();
+    // Every destination borrowed once, for the engine's life: the copies may still run when
+    // `upload` returns, so the buffers stay out of reach until the engine is finished.
+    let mut slots: Vec<Option<(Device, usize, Dst)>> = tensors
+        .iter_mut()
+        .map(|t| {
+            let len = t.buffer.len();
+            let dst = match &mut t.buffer {
+                Buffer::Host(v) => Dst::Host(v.as_mut_slice()),
+                Buffer::Cuda(a) => Dst::Cuda(a),
+            };
+            Some((t.device, len, dst))
+        })
+        .collect();
     let copy_started = Instant::now();
     let trace = tracing::enabled!(tracing::Level::DEBUG);
     for (f, shard) in checkpoint.files().iter().enumerate() {
@@ -304,16 +317,12 @@ pub fn load(
             .filter_map(|(i, t)| tensor_index[i].map(|k| (t.offset, k)))
             .collect();
         members.sort();
-        let mut slots: Vec<Option<&mut LoadedTensor>> = tensors.iter_mut().map(Some).collect();
         let mut pieces: Vec<Piece> = Vec::with_capacity(members.len());
         for &(offset, k) in &members {
-            let Some(t) = slots[k].take() else { continue };
-            *per_device_bytes.entry(t.device).or_default() += t.buffer.len() as u64;
-            let len = t.buffer.len();
-            let dst = match &mut t.buffer {
-                Buffer::Host(v) => Dst::Host(v.as_mut_slice()),
-                Buffer::Cuda(a) => Dst::Cuda(a),
+            let Some((device, len, dst)) = slots[k].take() else {
+                continue;
             };
+            *per_device_bytes.entry(device).or_default() += len as u64;
             pieces.push(Piece { offset, len, dst });
         }
         let taken = engine
