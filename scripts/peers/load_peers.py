@@ -51,5 +51,6 @@ if which == "weightsmith":
     # The load as the library times it (plan, allocate, copy), and the files' paths: what
     # the Python layer (import, DLPack, torch.from_dlpack) adds is the difference.
     line["inside_seconds"] = round(weightsmith.load.last_report["seconds"], 3)
+    line["copy_gb_per_s"] = round(weightsmith.load.last_report["gb_per_s"], 2)
     line["paths"] = sorted({p for _, p in weightsmith.load.last_report["files"]})
 print(json.dumps(line), flush=True)
