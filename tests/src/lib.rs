@@ -211,7 +211,7 @@ impl LlamaShape {
 
 /// A safetensors header for `tensors` (name, BF16 shape) laid out one after another; with the
 /// file's whole length.
-fn bf16_header(tensors: &[(String, Vec<u64>)]) -> (Vec<u8>, u64) {
+pub fn bf16_header(tensors: &[(String, Vec<u64>)]) -> (Vec<u8>, u64) {
     let mut map = serde_json::Map::new();
     map.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offset = 0u64;

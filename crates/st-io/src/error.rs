@@ -48,6 +48,15 @@ pub enum Error {
 
     #[error("{}: {message}", file.display())]
     ChangedWhileRead { file: PathBuf, message: String },
+    #[error("{}: writing {what} failed: {source}; the shard needs {} and nothing was put in place (a full disk or a file-size limit?)", file.display(), crate::format_decimal(*shard_bytes))]
+    WriteFailed {
+        /// The shard as it would have been named in the destination.
+        file: PathBuf,
+        /// `tensor "name"`, `the header`, or `its buffered bytes`.
+        what: String,
+        shard_bytes: u64,
+        source: std::io::Error,
+    },
     // ---- the safetensors header ----
     #[error("{}: file is {len} bytes, shorter than the 8-byte header length of a safetensors file", file.display())]
     FileTooShort { file: PathBuf, len: u64 },

@@ -524,10 +524,7 @@ impl ShardWriter {
         let produced = produce(&mut sink);
         let (written, io_error) = (sink.written, sink.error.take());
         if let Some(e) = io_error {
-            return Err(Error::io(
-                self.tmp.join(&self.plan.shards[slot.shard].file_name),
-                e,
-            ));
+            return Err(self.write_failed(slot.shard, format!("tensor \"{name}\""), e));
         }
         let spec = &self.specs[self.next];
         if let Err(e) = produced {
@@ -599,7 +596,9 @@ impl ShardWriter {
                 },
                 waited: std::time::Duration::ZERO,
             };
-            out.write_all(&header).map_err(|e| Error::io(&path, e))?;
+            if let Err(e) = out.write_all(&header) {
+                return Err(self.write_failed(shard, "the header".into(), e));
+            }
             self.states[shard] = ShardState::Open(out);
         }
         match &mut self.states[shard] {
@@ -613,17 +612,36 @@ impl ShardWriter {
         }
     }
 
+    /// A write to a shard that the system refused, named as the shard will be in the
+    /// destination (the temporary folder is removed with the writer).
+    fn write_failed(&self, shard: usize, what: String, source: std::io::Error) -> Error {
+        let planned = &self.plan.shards[shard];
+        Error::WriteFailed {
+            file: self.dest.join(&planned.file_name),
+            what,
+            shard_bytes: planned.data_bytes,
+            source,
+        }
+    }
+
     fn close_shard(&mut self, shard: usize) -> Result<()> {
-        let path = self.tmp.join(&self.plan.shards[shard].file_name);
         if let ShardState::Open(open) = std::mem::replace(&mut self.states[shard], ShardState::Done)
         {
             let begun = std::time::Instant::now();
             self.disk_wait += open.waited;
-            let file = open
-                .out
-                .into_inner()
-                .map_err(|e| Error::io(&path, e.into_error()))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            let file = match open.out.into_inner() {
+                Ok(file) => file,
+                Err(e) => {
+                    return Err(self.write_failed(
+                        shard,
+                        "its buffered bytes".into(),
+                        e.into_error(),
+                    ))
+                }
+            };
+            if let Err(e) = file.sync_all() {
+                return Err(self.write_failed(shard, "its bytes to the disk".into(), e));
+            }
             self.disk_wait += begun.elapsed();
         }
         Ok(())
