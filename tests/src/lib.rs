@@ -299,3 +299,31 @@ pub fn llama_shaped_files(
     ));
     (files, total_size)
 }
+
+/// Whether something a test needs (`what`: `GPU`, `PYTHON`, …) is here. When it is not, the
+/// test says so on stderr every time, and fails when `WEIGHTSMITH_REQUIRE_<what>` is set
+/// (`scripts/gpu-check.sh` sets the GPU one, `.ci/run` the Python one): a skip is never
+/// silent, and never passes where the thing was promised.
+pub fn available(what: &str, present: bool, why_skipped: &str) -> bool {
+    if present {
+        return true;
+    }
+    let switch = format!("WEIGHTSMITH_REQUIRE_{what}");
+    if std::env::var_os(&switch).is_some() {
+        panic!("{switch} is set, but {why_skipped}");
+    }
+    eprintln!("skipped ({switch} unset): {why_skipped}");
+    false
+}
+
+/// Whether a CUDA GPU is usable here (see [`available`]).
+pub fn gpu_available() -> bool {
+    let n = weightsmith::gpu_mem::discover()
+        .map(|d| d.len())
+        .unwrap_or(0);
+    available(
+        "GPU",
+        n > 0,
+        "no CUDA GPU is usable here; the GPU = CPU comparison runs in scripts/gpu-check.sh",
+    )
+}

@@ -327,15 +327,7 @@ fn the_docs_list_the_matrix_as_it_is() {
 /// fails here), every case's CUDA merge is the CPU merge bit for bit, MoE experts included.
 #[test]
 fn the_gpu_merge_of_every_architecture_is_the_cpu_merge() {
-    let gpus = weightsmith::gpu_mem::discover()
-        .map(|d| d.len())
-        .unwrap_or(0);
-    if gpus == 0 {
-        assert!(
-            std::env::var_os("WEIGHTSMITH_REQUIRE_GPU").is_none(),
-            "WEIGHTSMITH_REQUIRE_GPU is set but no GPU is usable"
-        );
-        eprintln!("no GPU here: the GPU = CPU comparison runs in scripts/gpu-check.sh");
+    if !weightsmith_tests::gpu_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -106,8 +106,7 @@ fn every_case_matches_peft_within_its_ulp_budget() {
 /// every fixture; without one this says so and checks nothing more.
 #[test]
 fn the_gpu_merge_equals_the_cpu_merge_bit_for_bit() {
-    if weightsmith::gpu_mem::discover().unwrap().is_empty() {
-        eprintln!("no GPU here: the GPU = CPU comparison runs in scripts/gpu-check.sh");
+    if !weightsmith_tests::gpu_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

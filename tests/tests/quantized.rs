@@ -290,8 +290,7 @@ fn merging_into_exl2_is_refused_and_writes_nothing() {
 /// says so and checks nothing more.
 #[test]
 fn gptq_on_the_gpu_equals_the_cpu_bit_for_bit() {
-    if weightsmith::gpu_mem::discover().unwrap().is_empty() {
-        eprintln!("no GPU here: the GPU = CPU comparison runs in scripts/gpu-check.sh");
+    if !weightsmith_tests::gpu_available() {
         return;
     }
     let merger = weightsmith::lora_kernels::gpu::GpuMerger::new(0).unwrap();

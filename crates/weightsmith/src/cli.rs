@@ -133,7 +133,8 @@ struct MergeArgs {
     /// Largest shard, decimal units as the Hub counts (5GB, 500MB) or binary (4GiB).
     #[arg(long, default_value = "5GB")]
     max_shard_size: String,
-    /// Recompute sample rows in f64 and report the largest error in ulps.
+    /// Self-check: re-read the output and recompute sample rows in f64 from the same parsed
+    /// terms (catches arithmetic and writing faults, not a misread adapter config).
     #[arg(long)]
     verify: bool,
     /// Replace an existing output folder.
