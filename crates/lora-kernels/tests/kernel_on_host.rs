@@ -648,3 +648,63 @@ fn gptq_dequant_kernel_gives_the_cpu_bits_on_every_gptq_fixture() {
         "only {layers} GPTQ layers found in the fixtures"
     );
 }
+
+/// On the GPU: `GpuMerger::merge_rows` refuses every size its kernel would index past —
+/// factors of another shape, rows past the factors, a base shorter than the rows, output that
+/// is not whole rows — with an error, before any launch (the host twin `cpu::merge_rows`
+/// refuses the same through its own checks).
+#[test]
+fn the_gpu_merge_refuses_sizes_its_buffers_do_not_have() {
+    if !device_present() {
+        eprintln!(
+            "skipped (WEIGHTSMITH_REQUIRE_GPU unset): no CUDA device; scripts/gpu-check.sh runs it"
+        );
+        return;
+    }
+    use lora_kernels::{LoraProduct, LoraTerm};
+    let merger = lora_kernels::gpu::GpuMerger::new(0).unwrap();
+    // A [4, 8] weight, rank 2.
+    let (a, b) = (vec![0.5f32; 2 * 8], vec![0.25f32; 4 * 2]);
+    let product = LoraProduct::new(
+        4,
+        8,
+        false,
+        &[LoraTerm {
+            a: &a,
+            b: &b,
+            rank: 2,
+            scale: 1.0,
+        }],
+    )
+    .unwrap();
+    let t = merger.prepare(Some(&product), None).unwrap();
+    let base = vec![0u8; 4 * 8 * 2];
+    let mut out = vec![0u8; 4 * 8 * 2];
+    // The right shape merges.
+    merger
+        .merge_rows(&t, &base, Dtype::BF16, 8, 0, Dtype::BF16, &mut out)
+        .unwrap();
+    for (cols, first_row, base_len, out_len, what) in [
+        (16, 0, 4 * 16 * 2, 2 * 16 * 2, "columns of another shape"),
+        (8, 3, 8 * 8 * 2, 2 * 8 * 2, "rows past the factors"),
+        (8, 0, 2 * 8 * 2, 4 * 8 * 2, "a base shorter than the rows"),
+        (8, 0, 4 * 8 * 2, 8 * 2 + 2, "output that is not whole rows"),
+    ] {
+        let base = vec![0u8; base_len];
+        let mut out = vec![0u8; out_len];
+        let e = merger.merge_rows(
+            &t,
+            &base,
+            Dtype::BF16,
+            cols,
+            first_row,
+            Dtype::BF16,
+            &mut out,
+        );
+        assert!(e.is_err(), "{what}: accepted");
+    }
+    // Still usable after the refusals.
+    merger
+        .merge_rows(&t, &base, Dtype::BF16, 8, 0, Dtype::BF16, &mut out)
+        .unwrap();
+}
