@@ -327,3 +327,13 @@ pub fn gpu_available() -> bool {
         "no CUDA GPU is usable here; the GPU = CPU comparison runs in scripts/gpu-check.sh",
     )
 }
+
+/// The names in `dir`, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use weightsmith_tests::{bf16_header, llama_shaped_files, sha256_hex, weightsmith_bin, LlamaShape};
+use weightsmith_tests::{
+    bf16_header, entries, llama_shaped_files, sha256_hex, weightsmith_bin, LlamaShape,
+};
 
 const SHAPE: LlamaShape = LlamaShape {
     layers: 2,
@@ -109,15 +111,6 @@ fn merge_command(base: &Path, adapter: &Path, out: &Path) -> Command {
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     cmd
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

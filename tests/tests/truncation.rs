@@ -2,10 +2,10 @@
 //! into the folder we read): an error naming the file, no output, nothing left behind, and
 //! never SIGBUS — for a merge, a load and a load's verification (issue #26).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use weightsmith::{load, merge, LoadOptions, MergeDevice, MergeOptions};
-use weightsmith_tests::{copy_fixture, fixture};
+use weightsmith_tests::{copy_fixture, entries, fixture};
 
 /// Truncates `file` to 100 bytes from another thread, as another process would.
 fn truncate_from_another_thread(file: PathBuf) {
@@ -19,15 +19,6 @@ fn truncate_from_another_thread(file: PathBuf) {
     })
     .join()
     .unwrap();
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]
