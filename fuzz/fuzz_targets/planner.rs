@@ -56,14 +56,7 @@ fuzz_target!(|data: &[u8]| {
         sliding_window: if b.small(2) == 0 { None } else { Some(b.u64()) },
         sliding_layers: None,
     };
-    let dtype = [
-        CacheDtype::F16,
-        CacheDtype::Bf16,
-        CacheDtype::Fp8,
-        CacheDtype::Q8,
-        CacheDtype::Q6,
-        CacheDtype::Q4,
-    ][b.small(6) as usize];
+    let dtype = CacheDtype::ALL[b.small(CacheDtype::ALL.len() as u64) as usize];
     let cache = CacheSpec {
         seq_len: b.u64(),
         batch: b.u64(),

@@ -7,18 +7,38 @@ use std::path::PathBuf;
 use weightsmith::{load, merge, LoadOptions, MergeDevice, MergeOptions};
 use weightsmith_tests::{copy_fixture, entries, fixture};
 
-/// Truncates `file` to 100 bytes from another thread, as another process would.
-fn truncate_from_another_thread(file: PathBuf) {
-    std::thread::spawn(move || {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_len(100)
-            .unwrap();
-    })
-    .join()
-    .unwrap();
+/// A truncation to 100 bytes of `victim`, made once, from another thread, as another
+/// process would.
+struct Truncation {
+    victim: PathBuf,
+    done: bool,
+}
+
+impl Truncation {
+    fn of(victim: PathBuf) -> Truncation {
+        Truncation {
+            victim,
+            done: false,
+        }
+    }
+
+    fn once(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let victim = self.victim.clone();
+        std::thread::spawn(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&victim)
+                .unwrap()
+                .set_len(100)
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+    }
 }
 
 #[test]
@@ -33,18 +53,13 @@ fn a_shard_truncated_during_a_merge_is_an_error_naming_it_and_leaves_no_output()
         out_parent.join("merged"),
     );
     options.device = MergeDevice::Cpu;
-    let mut done = false;
-    let result = merge(&base, &options, &mut |_| {
-        if !done {
-            done = true;
-            truncate_from_another_thread(victim.clone());
-        }
-    });
+    let mut cut = Truncation::of(victim);
+    let result = merge(&base, &options, &mut |_| cut.once());
     let e = result
         .expect_err("a truncated base must not merge")
         .to_string();
     assert!(e.contains("model-00003-of-00003.safetensors"), "{e}");
-    assert!(done, "the merge reported progress");
+    assert!(cut.done, "the merge reported progress");
     assert!(
         entries(&out_parent).is_empty(),
         "left behind: {:?}",
@@ -61,13 +76,8 @@ fn a_shard_truncated_during_a_load_is_an_error_naming_it() {
         host_only: true,
         ..LoadOptions::default()
     };
-    let mut done = false;
-    let result = load(&base, &options, &mut |_| {
-        if !done {
-            done = true;
-            truncate_from_another_thread(victim.clone());
-        }
-    });
+    let mut cut = Truncation::of(victim);
+    let result = load(&base, &options, &mut |_| cut.once());
     let e = result
         .err()
         .expect("a truncated shard must not load")
@@ -87,14 +97,13 @@ fn a_shard_truncated_before_its_verification_is_an_error_naming_it() {
         verify: true,
         ..LoadOptions::default()
     };
-    let mut done = false;
+    let mut cut = Truncation::of(victim);
     let result = load(&base, &options, &mut |p| {
-        if !done && p.file.starts_with("model-00003") {
-            done = true;
-            truncate_from_another_thread(victim.clone());
+        if p.file.starts_with("model-00003") {
+            cut.once();
         }
     });
-    assert!(done);
+    assert!(cut.done);
     let e = result
         .err()
         .expect("a truncated shard must fail verification")
