@@ -10,6 +10,7 @@ SECONDS_EACH=${1:-60}
 shift || true
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(header index config adapter_config planner)
+cargo +nightly --version > /dev/null 2>&1 || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz > /dev/null || cargo install --locked --quiet cargo-fuzz
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
