@@ -24,7 +24,8 @@ import json, sys
 r = json.load(open("/tmp/cli.json"))
 print(json.dumps({"label": "cli", "process_seconds": round(float(sys.argv[2]) - float(sys.argv[1]), 3),
                   "inside_seconds": round(r["seconds"], 3), "gb_per_s": r["gb_per_s"],
-                  "device_gb_per_s": [d["gb_per_s"] for d in r["devices"]], "paths": sorted({p for _, p in r["files"]})}))
+                  "device_gb_per_s": [d["gb_per_s"] for d in r["devices"]], "paths": sorted({p for _, p in r["files"]}),
+                  "phases": {k: round(v, 3) for k, v in r["phases"].items()}}))
 PY
   warm; python3 scripts/peers/load_peers.py "$M" weightsmith python
   warm; python3 scripts/peers/load_peers.py "$M" safetensors safetensors

@@ -20,18 +20,23 @@ total = sum(os.path.getsize(f) for f in files)
 torch.cuda.init()
 torch.empty(1, device="cuda:0")
 torch.cuda.synchronize()
-t0 = time.time()
+# Imports happen before the clock starts, for every peer alike: a program imports once.
 if which == "safetensors":
     from safetensors.torch import load_file
-    keep = [load_file(f, device="cuda:0") for f in files]
 elif which == "weightsmith":
     import weightsmith
-    keep = weightsmith.load(model, as_torch=True)
 elif which == "weightsmith-transformers":
     from weightsmith.transformers import from_pretrained
-    keep = from_pretrained(model)
 elif which == "transformers":
     from transformers import AutoModelForCausalLM
+t0 = time.time()
+if which == "safetensors":
+    keep = [load_file(f, device="cuda:0") for f in files]
+elif which == "weightsmith":
+    keep = weightsmith.load(model, as_torch=True)
+elif which == "weightsmith-transformers":
+    keep = from_pretrained(model)
+elif which == "transformers":
     keep = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, device_map="cuda:0")
 else:
     chunk = 4 << 30
@@ -53,4 +58,5 @@ if which == "weightsmith":
     line["inside_seconds"] = round(weightsmith.load.last_report["seconds"], 3)
     line["copy_gb_per_s"] = round(weightsmith.load.last_report["gb_per_s"], 2)
     line["paths"] = sorted({p for _, p in weightsmith.load.last_report["files"]})
+    line["phases"] = {k: round(v, 3) for k, v in weightsmith.load.last_report["phases"].items()}
 print(json.dumps(line), flush=True)

@@ -802,6 +802,37 @@ impl UploadEngine<'_> {
             let _ = handle.join();
         }
     }
+
+    /// Waits for the copies still running, like [`finish`](Self::finish), but leaves the
+    /// cleanup to a background thread: unregistering the files' pages (about 0.1 s for 16 GB
+    /// on an H200 machine, a fifth of a warm load) and freeing the staging buffers. That
+    /// thread owns `keep_alive` and drops it last, so the mappings stay mapped until their
+    /// registrations are gone. Every destination is complete when this returns.
+    ///
+    /// Returns the thread, for a caller that wants to wait (tests); dropping it detaches.
+    ///
+    /// # Safety
+    /// `keep_alive` must keep mapped every map handed to [`upload`](Self::upload) until it is
+    /// dropped (typically an `Arc` of the checkpoint the maps belong to): the borrow checker
+    /// sees the maps' borrows end here, while the registrations still cover them.
+    pub unsafe fn finish_in_background<K: Send + 'static>(
+        mut self,
+        keep_alive: K,
+    ) -> std::thread::JoinHandle<()> {
+        if !self.in_flight.is_empty() && self.flush().is_err() {
+            std::mem::forget(std::mem::take(&mut self.in_flight));
+        }
+        let releaser = self.releaser.take();
+        let staging = std::mem::take(&mut self.staging);
+        std::thread::spawn(move || {
+            if let Some((tx, handle)) = releaser {
+                drop(tx);
+                let _ = handle.join();
+            }
+            drop(staging);
+            drop(keep_alive);
+        })
+    }
 }
 
 /// Registers `[lo, hi)` of `map` chunk by chunk and enqueues each chunk's copies as soon as it
@@ -1166,7 +1197,23 @@ mod tests {
                 path_taken = engine.upload(&file, map, &mut pieces).unwrap();
             }
             engine.flush().unwrap();
-            engine.finish();
+            if k == 0 {
+                // The background finish: every byte is in place when it returns, and what it
+                // keeps alive is dropped only after the registrations are released.
+                struct Kept(Arc<std::sync::atomic::AtomicBool>);
+                impl Drop for Kept {
+                    fn drop(&mut self) {
+                        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                // SAFETY: the mapping lives until munmap at the end of the test, after the join.
+                let releasing = unsafe { engine.finish_in_background(Kept(dropped.clone())) };
+                releasing.join().unwrap();
+                assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+            } else {
+                engine.finish();
+            }
             if k == private_index {
                 assert_eq!(path_taken, UploadPath::Pinned, "{label}");
             } else if register && config.warm_staged_percent == 0 {

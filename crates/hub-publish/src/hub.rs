@@ -73,9 +73,14 @@ impl PublishOptions {
     }
 }
 
+/// The version of [`PublishReport`]'s JSON form (`weightsmith publish --json`); it changes
+/// only when a field changes meaning or goes away.
+pub const PUBLISH_SCHEMA_VERSION: u32 = 1;
+
 /// What a publish did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PublishReport {
+    pub schema_version: u32,
     pub repo_id: String,
     pub repo_url: String,
     pub revision: String,
@@ -150,6 +155,7 @@ pub async fn publish_async(
         }
     }
     let mut report = PublishReport {
+        schema_version: PUBLISH_SCHEMA_VERSION,
         repo_id: prepared.repo_id.clone(),
         repo_url,
         revision: revision.clone(),

@@ -36,7 +36,9 @@ pub use folder::{
     prepare, validate_repo_id, CardOrigin, CardOverrides, CardPolicy, PreparedFolder, Source,
     UploadFile, HUB_MAX_FILE_BYTES,
 };
-pub use hub::{publish, publish_async, PublishOptions, PublishReport, RetryPolicy};
+pub use hub::{
+    publish, publish_async, PublishOptions, PublishReport, RetryPolicy, PUBLISH_SCHEMA_VERSION,
+};
 pub use token::{resolve_endpoint, resolve_token, resolve_token_with, Token, TokenSource};
 
 /// Progress of [`prepare`] and [`publish`], for a progress bar.

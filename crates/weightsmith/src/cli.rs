@@ -405,6 +405,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({
+                            "schema_version": 1,
                             "merge": report,
                             "publish": summary,
                         }))?

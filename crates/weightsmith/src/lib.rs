@@ -60,10 +60,13 @@ pub mod source;
 
 pub use device_map::DeviceMap;
 pub use inspect::{inspect, InspectOptions, InspectReport};
-pub use load::{load, LoadOptions, LoadReport, LoadedModel, LoadedQuantizedLinear};
+pub use load::{
+    load, LoadOptions, LoadPhases, LoadReport, LoadedModel, LoadedQuantizedLinear,
+    LOAD_SCHEMA_VERSION,
+};
 pub use merge::{merge, MergeDevice, MergeOptions, MergeReport};
 pub use plan::{plan_checkpoint, PlanOptions, PlanReport};
-pub use publish::{publish, PublishOptions, PublishSummary};
+pub use publish::{publish, PublishOptions, PublishSummary, PUBLISH_SUMMARY_SCHEMA_VERSION};
 pub use {gpu_mem, hub_publish, lora_kernels, planner, st_io};
 
 /// The errors of the façade: one variant per crate it wraps.

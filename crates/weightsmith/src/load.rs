@@ -107,6 +107,31 @@ pub struct DeviceLoadReport {
     pub gb_per_s: f64,
 }
 
+/// The version of [`LoadReport`]'s JSON form (`weightsmith load --json`); it changes only when
+/// a field changes meaning or goes away.
+pub const LOAD_SCHEMA_VERSION: u32 = 1;
+
+/// Where a load's time went, in seconds, phase by phase; together they make
+/// [`LoadReport::seconds`] (less a few microseconds of bookkeeping).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LoadPhases {
+    /// Resolving the source, reading every header, checking the architecture.
+    pub open: f64,
+    /// Finding the GPUs and retaining their primary contexts.
+    pub discover: f64,
+    /// The device plan.
+    pub plan: f64,
+    /// Allocating every tensor and cache buffer.
+    pub alloc: f64,
+    /// The copies, file by file, until every byte is on its device.
+    pub copy: f64,
+    /// Handing the release of host registrations and staging buffers to a background thread
+    /// (the release itself overlaps what the caller does next).
+    pub release: f64,
+    /// `--verify`'s read-back and the final check that no file changed.
+    pub verify: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
     pub schema_version: u32,
@@ -120,6 +145,8 @@ pub struct LoadReport {
     pub cache_bytes: u64,
     pub seconds: f64,
     pub gb_per_s: f64,
+    /// `seconds`, phase by phase.
+    pub phases: LoadPhases,
     pub verified_tensors: Option<usize>,
     pub plan: PlanReport,
 }
@@ -205,12 +232,22 @@ pub fn load(
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel> {
     let started = Instant::now();
+    let mut phases = LoadPhases::default();
+    let mut mark = started;
+    let mut lap = || {
+        let now = Instant::now();
+        let seconds = now.duration_since(mark).as_secs_f64();
+        mark = now;
+        seconds
+    };
     let source = crate::source::for_model(path.as_ref())?;
     let path = source.path.as_path();
-    let checkpoint = Checkpoint::open(path)?;
+    // Shared with the thread that releases the files' registrations after the load returns.
+    let checkpoint = Arc::new(Checkpoint::open(path)?);
     checkpoint.require_complete()?;
     let linears = st_io::quant::quantized_linears(&checkpoint)?;
     check_architecture(&checkpoint, &linears)?;
+    phases.open = lap();
     let infos = if options.host_only {
         Vec::new()
     } else {
@@ -223,13 +260,15 @@ pub fn load(
     } else {
         "cuda".to_string()
     };
-    let plan = plan_loaded(&checkpoint, path, &options.plan, &infos)?;
     let mut contexts: HashMap<u32, Arc<Context>> = HashMap::new();
     for i in &infos {
         if let Device::Cuda(n) = i.device {
             contexts.insert(n, Context::new(n)?);
         }
     }
+    phases.discover = lap();
+    let plan = plan_loaded(&checkpoint, path, &options.plan, &infos)?;
+    phases.plan = lap();
     let device_of = |p: Placement| -> Device {
         match (p, infos.is_empty()) {
             (Placement::Device(d), false) => Device::Cuda(d as u32),
@@ -274,6 +313,7 @@ pub fn load(
             });
         }
     }
+    phases.alloc = lap();
     // Copy, file by file, every device's copies running concurrently.
     let ctx_list: Vec<Arc<Context>> = contexts.values().cloned().collect();
     let mut engine = UploadEngine::new(&ctx_list)?;
@@ -362,7 +402,12 @@ pub fn load(
         message: e.to_string(),
     })?;
     let copy_seconds = copy_started.elapsed().as_secs_f64();
-    engine.finish();
+    phases.copy = lap();
+    // Every byte is on its device; unregistering the files' pages goes on in the background.
+    // SAFETY: the thread owns a reference to the checkpoint whose maps were uploaded, so they
+    // stay mapped until their registrations are released.
+    drop(unsafe { engine.finish_in_background(Arc::clone(&checkpoint)) });
+    phases.release = lap();
     let verified_tensors = if options.verify {
         let mut n = 0;
         for (i, info) in checkpoint.tensors().iter().enumerate() {
@@ -385,6 +430,7 @@ pub fn load(
     };
     // Every byte came from the files as they were when mapped, or the load fails naming the file.
     checkpoint.check_intact()?;
+    phases.verify = lap();
     let mut devices = Vec::new();
     for d in &plan.plan.devices {
         let device = device_of(Placement::Device(d.index));
@@ -434,7 +480,7 @@ pub fn load(
         .collect();
     let cache_bytes = caches.iter().map(|c| c.buffer.len() as u64).sum();
     let report = LoadReport {
-        schema_version: 1,
+        schema_version: LOAD_SCHEMA_VERSION,
         model: path.display().to_string(),
         backend,
         devices,
@@ -443,6 +489,7 @@ pub fn load(
         cache_bytes,
         seconds: started.elapsed().as_secs_f64(),
         gb_per_s: bytes_total as f64 / copy_seconds.max(1e-9) / 1e9,
+        phases,
         verified_tensors,
         plan,
     };

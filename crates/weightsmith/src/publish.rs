@@ -51,9 +51,15 @@ pub struct PublishedFile {
     pub likely_lfs: bool,
 }
 
+/// The version of [`PublishSummary`]'s JSON form (`weightsmith publish --json`, and the
+/// `publish` part of `merge --push-to --json`); it changes only when a field changes meaning or
+/// goes away.
+pub const PUBLISH_SUMMARY_SCHEMA_VERSION: u32 = 1;
+
 /// What [`publish`] did (or, in a dry run, would do).
 #[derive(Debug, Clone, Serialize)]
 pub struct PublishSummary {
+    pub schema_version: u32,
     pub folder: String,
     pub repo: String,
     pub endpoint: String,
@@ -91,6 +97,7 @@ pub fn publish(
         Some(hub_publish::publish(&prepared, &options.hub, progress)?)
     };
     Ok(PublishSummary {
+        schema_version: PUBLISH_SUMMARY_SCHEMA_VERSION,
         folder: folder.display().to_string(),
         repo: options.repo.clone(),
         endpoint: options.hub.endpoint.clone(),
