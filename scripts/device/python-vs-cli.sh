@@ -7,7 +7,7 @@
 #          bash scripts/gpu-check.sh --build && mkdir -p .carry/cli && tar czf .carry/cli/weightsmith.tgz .bin/weightsmith
 #   device run (carry .carry/wheels, .carry/cli):  bash scripts/device/python-vs-cli.sh
 set -euo pipefail
-tar xzf .carry/cli/weightsmith.tgz
+[ -x .bin/weightsmith ] || tar xzf .carry/cli/weightsmith.tgz
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 WORK=/tmp/pvc

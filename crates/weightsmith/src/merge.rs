@@ -850,13 +850,14 @@ fn plan_jobs<'a>(
             }
         }
         for (module, m) in &a.modules {
-            if used_modules.contains(&(a.path.clone(), module.clone())) {
-                continue;
-            }
             let weight = format!("{module}.weight");
-            if !jobs.iter().any(|j| j.spec.name == weight) {
+            if !used_modules.contains(&(a.path.clone(), module.clone()))
+                && !jobs.iter().any(|j| j.spec.name == weight)
+            {
                 return Err(module_error(a, module, format!("targets \"{weight}\", which the base does not have (an adapter for another model?)")));
             }
+            // Checked for every module, merged or not: a LoRA bias with nowhere to go would
+            // otherwise vanish from the output without a word.
             if m.lora_bias.is_some()
                 && !jobs.iter().any(|j| j.spec.name == format!("{module}.bias"))
             {
