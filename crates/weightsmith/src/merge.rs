@@ -1115,6 +1115,8 @@ fn updated_config(
         "bfloat16"
     };
     if let Some(obj) = v.as_object_mut() {
+        // The dtype under the name the file uses: `dtype` (transformers 5), `torch_dtype`
+        // (transformers 4), or both; `dtype` when it has neither.
         let has_torch = obj.contains_key("torch_dtype");
         if obj.contains_key("dtype") || !has_torch {
             obj.insert("dtype".into(), dtype.into());
@@ -1123,11 +1125,42 @@ fn updated_config(
             obj.insert("torch_dtype".into(), dtype.into());
         }
         obj.remove("quantization_config");
+        // Sub-configs (text_config, vision_config, …) carry their own dtype where transformers
+        // wrote one: kept consistent, never added.
+        for (key, sub) in obj.iter_mut() {
+            if !key.ends_with("_config") {
+                continue;
+            }
+            if let Some(sub) = sub.as_object_mut() {
+                for name in ["dtype", "torch_dtype"] {
+                    if sub.contains_key(name) {
+                        sub.insert(name.into(), dtype.into());
+                    }
+                }
+            }
+        }
+        // Vocabulary and tying live at the top level, or in `text_config` for multimodal
+        // models (what transformers' get_text_config() reads): changed wherever the file
+        // has them; where it has neither, at the level that describes the text model.
+        let nested = obj.get("text_config").is_some_and(|t| t.is_object());
+        let mut set = |key: &str, value: serde_json::Value| {
+            let top_has = obj.contains_key(key);
+            let text = obj
+                .get_mut("text_config")
+                .and_then(serde_json::Value::as_object_mut);
+            let text_has = text.as_ref().is_some_and(|t| t.contains_key(key));
+            if let (Some(t), true) = (text, text_has || (nested && !top_has)) {
+                t.insert(key.into(), value.clone());
+            }
+            if top_has || !nested {
+                obj.insert(key.into(), value);
+            }
+        };
         if untie {
-            obj.insert("tie_word_embeddings".into(), false.into());
+            set("tie_word_embeddings", false.into());
         }
         if let Some(n) = vocab {
-            obj.insert("vocab_size".into(), n.into());
+            set("vocab_size", n.into());
         }
     }
     let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
@@ -1233,5 +1266,87 @@ fn round_bits(v: f64, dtype: Dtype) -> u16 {
         half::f16::from_f64(v).to_bits()
     } else {
         half::bf16::from_f64(v).to_bits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn rewrite(config: Value, dtype: Dtype, untie: bool, vocab: Option<u64>) -> Value {
+        let bytes = serde_json::to_vec(&config).unwrap();
+        let out = updated_config(Path::new("config.json"), &bytes, dtype, untie, vocab).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn a_transformers_4_config_keeps_torch_dtype_alone() {
+        let c = rewrite(
+            json!({"model_type": "llama", "torch_dtype": "float32", "vocab_size": 256,
+                   "quantization_config": {"bits": 4}}),
+            Dtype::F16,
+            true,
+            Some(260),
+        );
+        assert_eq!(c["torch_dtype"], "float16");
+        assert!(
+            c.get("dtype").is_none(),
+            "no key transformers 4 does not write: {c}"
+        );
+        assert!(c.get("quantization_config").is_none());
+        assert_eq!(c["tie_word_embeddings"], false);
+        assert_eq!(c["vocab_size"], 260);
+    }
+
+    #[test]
+    fn a_transformers_5_config_and_one_with_both_names() {
+        let c = rewrite(json!({"dtype": "float32"}), Dtype::BF16, false, None);
+        assert_eq!(c, json!({"dtype": "bfloat16"}));
+        let c = rewrite(json!({}), Dtype::BF16, false, None);
+        assert_eq!(c, json!({"dtype": "bfloat16"}));
+        let c = rewrite(
+            json!({"dtype": "float32", "torch_dtype": "float32"}),
+            Dtype::F16,
+            false,
+            None,
+        );
+        assert_eq!(c, json!({"dtype": "float16", "torch_dtype": "float16"}));
+    }
+
+    #[test]
+    fn a_nested_text_config_gets_its_vocabulary_tying_and_dtype() {
+        // A multimodal config (Gemma 3, LLaVA): the text model's facts are in text_config.
+        let c = rewrite(
+            json!({
+                "model_type": "gemma3",
+                "dtype": "float32",
+                "text_config": {"vocab_size": 256, "tie_word_embeddings": true, "dtype": "float32"},
+                "vision_config": {"hidden_size": 32, "dtype": "float32"},
+                "image_token_index": 255
+            }),
+            Dtype::BF16,
+            true,
+            Some(300),
+        );
+        assert_eq!(c["dtype"], "bfloat16");
+        assert_eq!(c["text_config"]["dtype"], "bfloat16");
+        assert_eq!(c["vision_config"]["dtype"], "bfloat16");
+        assert_eq!(c["text_config"]["vocab_size"], 300);
+        assert_eq!(c["text_config"]["tie_word_embeddings"], false);
+        assert!(c.get("vocab_size").is_none(), "{c}");
+        assert!(c.get("tie_word_embeddings").is_none(), "{c}");
+        assert!(c["vision_config"].get("vocab_size").is_none());
+        // A key at both levels changes at both.
+        let c = rewrite(
+            json!({"tie_word_embeddings": true, "text_config": {"tie_word_embeddings": true}}),
+            Dtype::BF16,
+            true,
+            None,
+        );
+        assert_eq!(c["tie_word_embeddings"], false);
+        assert_eq!(c["text_config"]["tie_word_embeddings"], false);
+        // No dtype added to a sub-config that had none.
+        assert!(c["text_config"].get("dtype").is_none());
     }
 }
