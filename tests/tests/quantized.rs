@@ -1,7 +1,9 @@
-//! Quantised checkpoints (fixtures/quantized, made by scripts/fixtures/make_quant_fixtures.py with the
-//! numpy reference packer): GPTQ and EXL2 layers recognised with their bits, dimensions and
-//! tensors; GPTQ dequantisation equal bit for bit to the reference dequantiser; malformed
-//! layers refused with the tensor named.
+//! Quantised checkpoints: those of fixtures/quantized made by scripts/fixtures/make_quant_fixtures.py
+//! (the project's numpy packer, for shapes and failure cases) and those GPTQModel itself made
+//! and dequantised (scripts/fixtures/make_gptqmodel_fixtures.py: the reference no one here
+//! wrote). GPTQ and EXL2 layers recognised with their bits, dimensions and tensors; GPTQ
+//! dequantisation equal to GPTQModel's own element for element; malformed layers refused with
+//! the tensor named.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -500,4 +502,89 @@ fn incomplete_or_ambiguous_quantised_layers_and_awq_merges_are_refused() {
         "{e}"
     );
     assert!(!out.exists());
+}
+
+/// Checkpoints quantised by GPTQModel itself (scripts/fixtures/make_gptqmodel_fixtures.py),
+/// with (bits, group size, act-order).
+const GPTQMODEL: &[(&str, u32, u64, bool)] = &[
+    ("tiny-llama-gptqmodel-4bit", 4, 32, false),
+    ("tiny-llama-gptqmodel-3bit-actorder", 3, 32, true),
+    ("tiny-llama-gptqmodel-8bit", 8, 64, false),
+];
+
+/// Against a GPTQ implementation no one here wrote: GPTQModel's own dequantisation of the
+/// files GPTQModel wrote (`scales[g_idx] * (codes - zeros[g_idx])` in float16) equals ours
+/// rounded to float16, element for element. Ours is the exact product in f32 (a code
+/// difference of at most 8 bits times an 11-bit significand), so rounding it once is what
+/// float16 arithmetic does.
+#[test]
+fn gptq_dequantisation_equals_gptqmodels_own_element_for_element() {
+    for &(name, bits, group, act_order) in GPTQMODEL {
+        let c = Checkpoint::open(fixture(&format!("quantized/{name}"))).unwrap();
+        let reference = Checkpoint::open(fixture(&format!(
+            "quantized/references/{name}.dequant.safetensors"
+        )))
+        .unwrap();
+        let linears = st_io::quant::quantized_linears(&c).unwrap();
+        assert_eq!(linears.len(), 21, "{name}");
+        for l in &linears {
+            let QuantScheme::Gptq(p) = &l.scheme else {
+                panic!("{name}: {} is not GPTQ", l.module)
+            };
+            assert_eq!(
+                (p.bits, p.group_size, p.act_order),
+                (bits, group, act_order),
+                "{name}"
+            );
+            let want = reference
+                .tensor(&format!("{}.weight", l.module))
+                .unwrap_or_else(|| panic!("{name}: no reference for {}", l.module));
+            assert_eq!(
+                want.shape,
+                [l.out_features, l.in_features],
+                "{name}: {}",
+                l.module
+            );
+            let want: Vec<u16> = reference
+                .tensor_bytes(want)
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            let ours: Vec<u16> = GptqLayer::from_checkpoint(&c, l)
+                .unwrap()
+                .to_f32()
+                .unwrap()
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let differ = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ,
+                0,
+                "{name}: {} differs in {differ} of {} values",
+                l.module,
+                want.len()
+            );
+        }
+    }
+}
+
+/// A real GPTQ checkpoint is a complete model of its architecture: no layout problem.
+#[test]
+fn quantised_checkpoints_have_no_layout_problems() {
+    let names = GPTQ
+        .iter()
+        .map(|g| g.0)
+        .chain(GPTQMODEL.iter().map(|g| g.0))
+        .chain(["tiny-llama-exl2"]);
+    for name in names {
+        let out = weightsmith_tests::weightsmith(&[
+            "inspect",
+            fixture(&format!("quantized/{name}")).to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(out.status.success(), "{name}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["problems"], serde_json::json!([]), "{name}");
+    }
 }

@@ -229,6 +229,20 @@ fn layers_differ_by_config(config: Option<&ModelConfig>) -> Option<&'static str>
     })
 }
 
+/// The tensors of a quantised linear layer besides its bias (GPTQ and AWQ, then EXL2).
+const QUANTISED_PARTS: &[&str] = &[
+    "qweight",
+    "qzeros",
+    "scales",
+    "g_idx",
+    "q_weight",
+    "q_scale",
+    "q_scale_max",
+    "q_groups",
+    "q_perm",
+    "q_invperm",
+];
+
 /// Checks a checkpoint's tensor names against its architecture.
 ///
 /// A family the matrix knows: every layer must be one of the family's layer kinds, with the
@@ -242,7 +256,28 @@ pub fn completeness<'a>(
     names: impl IntoIterator<Item = &'a str>,
     config: Option<&ModelConfig>,
 ) -> Completeness {
-    let names: Vec<&str> = names.into_iter().collect();
+    // A quantised linear layer (GPTQ, AWQ: qweight, qzeros, scales, g_idx; EXL2: q_weight,
+    // q_scale, …) stands for the `.weight` the architecture names, so a quantised checkpoint
+    // is checked as strictly as a 16-bit one (and a quantised part missing is caught by the
+    // quantisation checks, which name it).
+    let raw: Vec<&str> = names.into_iter().collect();
+    let coded: std::collections::HashSet<&str> = raw
+        .iter()
+        .filter_map(|n| {
+            n.strip_suffix(".qweight")
+                .or_else(|| n.strip_suffix(".q_weight"))
+        })
+        .collect();
+    let logical: BTreeSet<String> = raw
+        .iter()
+        .map(|n| match n.rsplit_once('.') {
+            Some((module, part)) if coded.contains(module) && QUANTISED_PARTS.contains(&part) => {
+                format!("{module}.weight")
+            }
+            _ => n.to_string(),
+        })
+        .collect();
+    let names: Vec<&str> = logical.iter().map(String::as_str).collect();
     let mut out = Completeness::default();
     // Decoder layers of the main stack, by index; the rest is the model's own.
     let mut prefix_count: BTreeMap<String, usize> = BTreeMap::new();
