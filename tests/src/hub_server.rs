@@ -136,6 +136,9 @@ struct State {
     /// the 302 carrying X-Repo-Commit, X-Linked-Etag and X-Linked-Size.
     redirect_lfs: bool,
     body_faults: Vec<(String, BodyFault, u32)>,
+    /// Bodies carried at most this fast, both ways (a slow link, so that a test can stop a
+    /// client in the middle of a transfer).
+    throttle: Option<u64>,
 }
 
 /// The running server; stopped when dropped.
@@ -239,6 +242,12 @@ impl HubServer {
     }
 
     /// Answer LFS files with a redirect to `/_cdn/…`, as the Hub does.
+    /// Carries request and response bodies at most `bytes_per_second` fast (None: as fast as
+    /// it can).
+    pub fn throttle(&self, bytes_per_second: Option<u64>) {
+        self.state.lock().unwrap().throttle = bytes_per_second;
+    }
+
     pub fn redirect_lfs(&self, on: bool) {
         self.state.lock().unwrap().redirect_lfs = on;
     }
@@ -386,6 +395,13 @@ fn serve_connection(conn: TcpStream, state: &Arc<Mutex<State>>, endpoint: &str, 
         let _ = reader
             .get_ref()
             .set_read_timeout(Some(std::time::Duration::from_millis(200)));
+        // A slow link takes as long to carry a request's body as a response's.
+        let throttle = state.lock().unwrap().throttle;
+        if let Some(rate) = throttle.filter(|_| !req.body.is_empty()) {
+            std::thread::sleep(std::time::Duration::from_secs_f64(
+                req.body.len() as f64 / rate as f64,
+            ));
+        }
         let head = req.method == "HEAD";
         let close = req
             .header("Connection")
@@ -403,21 +419,36 @@ fn serve_connection(conn: TcpStream, state: &Arc<Mutex<State>>, endpoint: &str, 
         }
         out.push_str("\r\n");
         let mut bytes = out.into_bytes();
+        let mut body: &[u8] = &[];
         if !head {
-            let body = match answer.truncate {
+            body = match answer.truncate {
                 Some(n) => &answer.body[..n.min(answer.body.len())],
                 None => &answer.body[..],
             };
-            bytes.extend_from_slice(body);
             state.lock().unwrap().bytes_sent += body.len() as u64;
         }
-        if writer
-            .write_all(&bytes)
-            .and_then(|_| writer.flush())
-            .is_err()
-            || close
-            || answer.truncate.is_some()
-        {
+        let throttle = state.lock().unwrap().throttle;
+        let sent = match throttle {
+            None => {
+                bytes.extend_from_slice(body);
+                writer.write_all(&bytes)
+            }
+            Some(rate) => writer.write_all(&bytes).and_then(|_| {
+                // 64 KiB at a time, each after the time the rate gives it.
+                let started = std::time::Instant::now();
+                let mut done = 0u64;
+                for chunk in body.chunks(64 << 10) {
+                    writer.write_all(chunk)?;
+                    done += chunk.len() as u64;
+                    let due = std::time::Duration::from_secs_f64(done as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                Ok(())
+            }),
+        };
+        if sent.and_then(|_| writer.flush()).is_err() || close || answer.truncate.is_some() {
             return;
         }
     }
