@@ -809,7 +809,37 @@ mod tests {
         for m in ["gate_proj", "up_proj", "down_proj"] {
             names.push(format!("model.layers.0.mlp.{m}.qweight"));
         }
+        for m in ["q_proj", "o_proj", "down_proj"] {
+            let part = if m == "down_proj" { "mlp" } else { "self_attn" };
+            for q in ["qzeros", "scales", "g_idx"] {
+                names.push(format!("model.layers.0.{part}.{m}.{q}"));
+            }
+        }
+        // A quantised layer stands for its .weight: checked as the family's own layer.
         let r = completeness(names.iter().map(String::as_str), Some(&c));
+        assert!(r.is_complete() && r.notes.is_empty(), "{r:?}");
+        // … so a quantised projection missing is caught, as in a 16-bit checkpoint.
+        let short: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !n.contains("v_proj"))
+            .collect();
+        let r = completeness(short, Some(&c));
+        assert!(!r.is_complete(), "{r:?}");
+        assert!(
+            r.missing
+                .iter()
+                .any(|m| m.tensor == "model.layers.0.self_attn.v_proj.weight"),
+            "{r:?}"
+        );
+        // A layout the matrix did not see (fused qkv): compared, not refused, and said.
+        let mut fused: Vec<String> = names
+            .iter()
+            .filter(|n| !["q_proj", "k_proj", "v_proj"].iter().any(|m| n.contains(m)))
+            .cloned()
+            .collect();
+        fused.push("model.layers.0.self_attn.qkv_proj.weight".into());
+        let r = completeness(fused.iter().map(String::as_str), Some(&c));
         assert!(r.is_complete(), "{r:?}");
         assert!(!r.notes.is_empty());
     }
