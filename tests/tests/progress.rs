@@ -1,9 +1,14 @@
 //! Progress events as a program embedding the library sees them (issue #27): a merge reports
 //! every tensor once, in order, with bytes that only grow and end at the total; a load reports
-//! each file before its copy, with the bytes done so far, and the end.
+//! each file before its copy, with the bytes done so far, and the end; a publish hashes, then
+//! connects, uploads and commits, in that order, with counts that end at its report's.
 
-use weightsmith::{load, merge, LoadOptions, MergeDevice, MergeOptions};
+use std::sync::Mutex;
+
+use weightsmith::hub_publish::Event;
+use weightsmith::{load, merge, publish, LoadOptions, MergeDevice, MergeOptions, PublishOptions};
 use weightsmith_tests::fixture;
+use weightsmith_tests::hub_server::{HubServer, Transfer};
 
 #[test]
 fn merge_progress_counts_every_tensor_and_byte_once() {
@@ -75,4 +80,99 @@ fn load_progress_names_each_file_before_its_copy() {
     let total = model.report.weight_bytes;
     assert!(events.iter().all(|e| e.2 == total), "{events:?}");
     assert_eq!(events.last().unwrap().1, total);
+}
+
+#[test]
+fn publish_progress_hashes_connects_uploads_and_commits_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("out");
+    let mut options = MergeOptions::new(
+        vec![(fixture("adapters/llama-lora/adapter"), 1.0)],
+        folder.clone(),
+    );
+    options.device = MergeDevice::Cpu;
+    options.max_shard_bytes = 100_000;
+    merge(fixture("models/tiny-llama"), &options, &mut |_| {}).unwrap();
+    let server = HubServer::start("hf_progressToken", Transfer::Basic);
+    let options = PublishOptions::new(
+        "me/progress",
+        Some("hf_progressToken"),
+        Some(&server.endpoint),
+    );
+    let run = || {
+        let events = Mutex::new(Vec::new());
+        let summary = publish(&folder, &options, &|e| events.lock().unwrap().push(e)).unwrap();
+        (summary, events.into_inner().unwrap())
+    };
+    let (summary, events) = run();
+    let report = summary.report.as_ref().unwrap();
+    // The phases in order: hashing, connecting, uploading, committing (each phase's events
+    // together, never going back to an earlier phase).
+    let phase = |e: &Event| match e {
+        Event::Hashing { .. } => 0,
+        Event::Connecting { .. } => 1,
+        Event::Uploading { .. } => 2,
+        Event::Committing => 3,
+    };
+    let phases: Vec<u8> = events.iter().map(phase).collect();
+    assert!(phases.windows(2).all(|w| w[0] <= w[1]), "{events:?}");
+    assert_eq!(phases.iter().filter(|&&p| p == 3).count(), 1, "{events:?}");
+    assert!(events.contains(&Event::Connecting {
+        endpoint: server.endpoint.clone()
+    }));
+    // Hashing counts every byte of the folder's files once, growing to their total (the card,
+    // README.md, is written in memory and hashed there).
+    let hashed: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Hashing {
+                done_bytes,
+                total_bytes,
+            } => Some((*done_bytes, *total_bytes)),
+            _ => None,
+        })
+        .collect();
+    assert!(hashed.windows(2).all(|w| w[0].0 <= w[1].0), "{hashed:?}");
+    let on_disk: u64 = summary
+        .files
+        .iter()
+        .filter(|f| f.path != "README.md")
+        .map(|f| f.bytes)
+        .sum();
+    assert_eq!(hashed.last(), Some(&(on_disk, on_disk)));
+    // Uploading grows to the LFS bytes (the shards), all of them sent; the small files go
+    // inside the commit.
+    let sent: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Uploading {
+                sent_bytes,
+                total_bytes,
+            } => Some((*sent_bytes, *total_bytes)),
+            _ => None,
+        })
+        .collect();
+    assert!(sent.windows(2).all(|w| w[0].0 <= w[1].0), "{sent:?}");
+    let last = sent.last().expect("upload events");
+    let shards: u64 = summary
+        .files
+        .iter()
+        .filter(|f| f.path.ends_with(".safetensors"))
+        .map(|f| f.bytes)
+        .sum();
+    assert_eq!(*last, (shards, shards), "{sent:?}");
+    assert!(
+        report.bytes_sent > 0 && last.0 <= report.bytes_sent,
+        "{sent:?} {report:?}"
+    );
+    // A second publish of the same folder sends nothing and commits nothing.
+    let (summary, events) = run();
+    assert!(summary.report.unwrap().commit_oid.is_none());
+    assert!(!events.contains(&Event::Committing), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e, Event::Uploading { sent_bytes, .. } if *sent_bytes > 0)),
+        "{events:?}"
+    );
 }

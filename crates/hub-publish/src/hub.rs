@@ -201,6 +201,9 @@ pub async fn publish_async(
     }
 
     let total_bytes: u64 = lfs.iter().chain(&regular).map(|f| f.size).sum();
+    // The upload phase carries the LFS objects; the small files travel inside the commit. Its
+    // events count the LFS bytes, so that a progress bar ends at 100 % when the phase does.
+    let lfs_bytes: u64 = lfs.iter().map(|f| f.size).sum();
     let sent = Arc::new(AtomicU64::new(0));
     if !lfs.is_empty() {
         let batch = hub.lfs_batch(&revision, &lfs).await?;
@@ -270,7 +273,7 @@ pub async fn publish_async(
             loop {
                 progress(Event::Uploading {
                     sent_bytes: sent.load(Ordering::Relaxed),
-                    total_bytes,
+                    total_bytes: lfs_bytes,
                 });
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -281,7 +284,7 @@ pub async fn publish_async(
         }
         progress(Event::Uploading {
             sent_bytes: sent.load(Ordering::Relaxed),
-            total_bytes,
+            total_bytes: lfs_bytes,
         });
     }
 

@@ -44,9 +44,22 @@ pub use token::{resolve_endpoint, resolve_token, resolve_token_with, Token, Toke
 /// Progress of [`prepare`] and [`publish`], for a progress bar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Hashing { done_bytes: u64, total_bytes: u64 },
-    Connecting { endpoint: String },
-    Uploading { sent_bytes: u64, total_bytes: u64 },
+    /// The folder's files read and hashed so far (the card, made in memory, not counted).
+    Hashing {
+        done_bytes: u64,
+        total_bytes: u64,
+    },
+    Connecting {
+        endpoint: String,
+    },
+    /// LFS bytes the server holds so far, of those this commit needs (objects it already had
+    /// count as sent); small files travel inside the commit. With the Xet transfer, one event
+    /// of every changed byte before hf-hub takes over.
+    Uploading {
+        sent_bytes: u64,
+        total_bytes: u64,
+    },
+    /// The commit request, once every LFS object is up.
     Committing,
 }
 
