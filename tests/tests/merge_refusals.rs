@@ -461,6 +461,7 @@ fn an_existing_output_without_force() {
     assert!(!o.status.success());
     assert!(stderr.contains(out.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("already exists"), "{stderr}");
+    assert!(stderr.contains("--force replaces it"), "{stderr}");
     assert_eq!(
         std::fs::read(out.join("mine.txt")).unwrap(),
         b"a user's file"

@@ -214,6 +214,12 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            // The library's words ("allow replacing it") in the command line's terms.
+            if let Some(crate::Error::Checkpoint(st_io::Error::DestinationExists { .. })) =
+                e.downcast_ref::<crate::Error>()
+            {
+                eprintln!("       (--force replaces it; never an input of this run)");
+            }
             // 130, the shell's code for a command ended by Ctrl-C, when it was one.
             match e.downcast_ref::<crate::Error>() {
                 Some(crate::Error::Interrupted(_)) => ExitCode::from(130),
