@@ -293,37 +293,26 @@ fn publish_documents() {
         tmp.path(),
     );
     check("merge-push", merge_push, &norm);
+    let publish = |repo: &str| {
+        json_of(
+            &[
+                "publish",
+                out.to_str().unwrap(),
+                "--repo",
+                repo,
+                "--endpoint",
+                &server.endpoint,
+                "--token",
+                TOKEN,
+                "--json",
+            ],
+            tmp.path(),
+        )
+    };
     // A second publish of the same folder: nothing to send, no commit.
-    let again = json_of(
-        &[
-            "publish",
-            out.to_str().unwrap(),
-            "--repo",
-            "me/tiny-merged",
-            "--endpoint",
-            &server.endpoint,
-            "--token",
-            TOKEN,
-            "--json",
-        ],
-        tmp.path(),
-    );
-    check("publish-unchanged", again, &norm);
+    check("publish-unchanged", publish("me/tiny-merged"), &norm);
     // Into a second repository: every file committed.
-    let fresh = json_of(
-        &[
-            "publish",
-            out.to_str().unwrap(),
-            "--repo",
-            "me/second",
-            "--endpoint",
-            &server.endpoint,
-            "--token",
-            TOKEN,
-            "--json",
-        ],
-        tmp.path(),
-    );
+    let fresh = publish("me/second");
     check("publish", fresh, &norm);
 }
 

@@ -229,20 +229,6 @@ fn layers_differ_by_config(config: Option<&ModelConfig>) -> Option<&'static str>
     })
 }
 
-/// The tensors of a quantised linear layer besides its bias (GPTQ and AWQ, then EXL2).
-const QUANTISED_PARTS: &[&str] = &[
-    "qweight",
-    "qzeros",
-    "scales",
-    "g_idx",
-    "q_weight",
-    "q_scale",
-    "q_scale_max",
-    "q_groups",
-    "q_perm",
-    "q_invperm",
-];
-
 /// Checks a checkpoint's tensor names against its architecture.
 ///
 /// A family the matrix knows: every layer must be one of the family's layer kinds, with the
@@ -271,7 +257,11 @@ pub fn completeness<'a>(
     let logical: BTreeSet<String> = raw
         .iter()
         .map(|n| match n.rsplit_once('.') {
-            Some((module, part)) if coded.contains(module) && QUANTISED_PARTS.contains(&part) => {
+            Some((module, part))
+                if coded.contains(module)
+                    && part != "bias"
+                    && crate::quant::ROLES.iter().any(|r| r.contains(&part)) =>
+            {
                 format!("{module}.weight")
             }
             _ => n.to_string(),

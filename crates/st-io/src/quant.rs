@@ -109,6 +109,8 @@ impl QuantizedLinear {
 }
 
 const GPTQ_ROLES: &[&str] = &["qweight", "qzeros", "scales", "g_idx", "bias"];
+/// The tensors of a quantised linear layer, per format (GPTQ and AWQ, then EXL2).
+pub(crate) const ROLES: [&[&str]; 2] = [GPTQ_ROLES, EXL2_ROLES];
 const EXL2_ROLES: &[&str] = &[
     "q_weight",
     "q_scale",
