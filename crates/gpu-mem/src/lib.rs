@@ -89,6 +89,8 @@ pub enum Error {
     Read { offset: u64, message: String },
     #[error("cannot allocate {} of host memory", format_bytes(*bytes))]
     HostAlloc { bytes: u64 },
+    #[error("cannot start a thread for {what}: {message} (out of memory or of threads?)")]
+    Thread { what: &'static str, message: String },
     #[error("copy of {len} bytes at offset {offset} runs past a {size}-byte allocation")]
     OutOfBounds {
         offset: usize,
@@ -97,13 +99,25 @@ pub enum Error {
     },
 }
 
+/// `1.50 GiB`, `16.00 MiB`, `512 bytes`: small requests are not rounded to `0.02 GiB`.
 fn format_bytes(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{b} bytes"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_keep_their_precision() {
+        assert_eq!(format_bytes(3 << 29), "1.50 GiB");
+        assert_eq!(format_bytes(16 << 20), "16.00 MiB");
+        assert_eq!(format_bytes(512), "512 bytes");
+    }
 
     #[test]
     fn device_names_round_trip() {

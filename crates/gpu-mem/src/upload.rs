@@ -132,26 +132,60 @@ fn shared_in_maps(maps: &str, start: usize, len: usize) -> bool {
     covered >= end
 }
 
+/// Starts a scoped thread named for `what`, or says that it could not (a process short of
+/// memory or of threads: `std::thread::scope`'s own spawn would panic there).
+fn spawn_scoped<'scope, 'env, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> Result<std::thread::ScopedJoinHandle<'scope, T>, Error> {
+    std::thread::Builder::new()
+        .name(format!("weightsmith {what}"))
+        .spawn_scoped(scope, f)
+        .map_err(|e| Error::Thread {
+            what,
+            message: e.to_string(),
+        })
+}
+
+/// [`spawn_scoped`] for a thread that outlives its caller.
+fn spawn<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, Error> {
+    std::thread::Builder::new()
+        .name(format!("weightsmith {what}"))
+        .spawn(f)
+        .map_err(|e| Error::Thread {
+            what,
+            message: e.to_string(),
+        })
+}
+
 /// Maps a page-cached range into this process's page tables up front (MADV_POPULATE_READ,
 /// Linux 5.14+), in parallel, so that registering it does not fault page by page. A hint:
 /// on older kernels it fails and registration faults the pages itself.
 fn populate(range: &[u8]) {
     const MADV_POPULATE_READ: libc::c_int = 22;
     let piece = (range.len() / READ_THREADS).div_ceil(PAGE).max(1) * PAGE;
+    let advise = |chunk: &[u8]| {
+        // SAFETY: the chunk lies in a live, page-aligned mapping (the caller's range starts on
+        // a page boundary and `piece` is a multiple of the page size); MADV_POPULATE_READ only
+        // reads.
+        unsafe {
+            libc::madvise(
+                chunk.as_ptr() as *mut libc::c_void,
+                chunk.len(),
+                MADV_POPULATE_READ,
+            )
+        };
+    };
     std::thread::scope(|s| {
         for chunk in range.chunks(piece) {
-            s.spawn(move || {
-                // SAFETY: the chunk lies in a live, page-aligned mapping (the caller's range
-                // starts on a page boundary and `piece` is a multiple of the page size);
-                // MADV_POPULATE_READ only reads.
-                unsafe {
-                    libc::madvise(
-                        chunk.as_ptr() as *mut libc::c_void,
-                        chunk.len(),
-                        MADV_POPULATE_READ,
-                    )
-                };
-            });
+            // A hint: done on this thread when no other can start.
+            if spawn_scoped(s, "page population", move || advise(chunk)).is_err() {
+                advise(chunk);
+            }
         }
     });
 }
@@ -188,12 +222,18 @@ fn parallel_read(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()
             .chunks_mut(piece)
             .enumerate()
             .map(|(i, chunk)| {
-                s.spawn(move || file.read_exact_at(chunk, offset + (i * piece) as u64))
+                spawn_scoped(s, "reads", move || {
+                    file.read_exact_at(chunk, offset + (i * piece) as u64)
+                })
             })
             .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("a read thread panicked")))
+        // Every thread that started is joined (the scope waits for it) before an error of one
+        // that did not is returned.
+        handles.into_iter().try_for_each(|h| match h {
+            Ok(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a read thread panicked"))),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
         })
     })
 }
@@ -272,11 +312,11 @@ impl<'m> UploadEngine<'m> {
             streams.push((c.ordinal, vec![Stream::new(c)?, Stream::new(c)?]));
         }
         let (tx, rx) = std::sync::mpsc::channel::<Vec<HostRegion>>();
-        let releaser = std::thread::spawn(move || {
+        let releaser = spawn("releasing registrations", move || {
             for regions in rx {
                 drop(regions);
             }
-        });
+        })?;
         Ok(UploadEngine {
             streams,
             staging: Vec::new(),
@@ -447,22 +487,27 @@ impl<'m> UploadEngine<'m> {
         let started = std::time::Instant::now();
         let ((regions, registered, registered_at), (staged, staged_at)) =
             std::thread::scope(|scope| {
-                let registering = scope.spawn(|| {
+                let register = || {
                     let (regions, result) = register_and_copy(streams, &ctx, map, pieces, lo, mid);
                     (regions, result, started.elapsed())
-                });
+                };
+                let registering = spawn_scoped(scope, "registration", register);
                 let staged = stage(staging, staging_streams, config, file, pieces, mid, hi);
                 let staged_at = started.elapsed();
-                let registered = registering.join().unwrap_or_else(|_| {
-                    (
-                        Vec::new(),
-                        Err(Error::Cuda {
-                            call: "cuMemHostRegister",
-                            code: "registration thread panicked".into(),
-                        }),
-                        started.elapsed(),
-                    )
-                });
+                let registered = match registering {
+                    Ok(handle) => handle.join().unwrap_or_else(|_| {
+                        (
+                            Vec::new(),
+                            Err(Error::Cuda {
+                                call: "cuMemHostRegister",
+                                code: "registration thread panicked".into(),
+                            }),
+                            started.elapsed(),
+                        )
+                    }),
+                    // No thread for it: the registered half on this one, after the staged.
+                    Err(_) => register(),
+                };
                 (registered, (staged, staged_at))
             });
         if config.adapt_warm_share && registered.is_ok() && staged.is_ok() {
@@ -611,7 +656,7 @@ fn stage(
             .enumerate()
             .map(|(w, buffers)| {
                 let next = &next;
-                scope.spawn(move || {
+                spawn_scoped(scope, "staged reads", move || {
                     let r = stage_worker(
                         file,
                         pieces,
@@ -630,8 +675,14 @@ fn stage(
                 })
             })
             .collect();
+        // A worker that could not start leaves its windows to the others; none at all is
+        // the error.
+        if handles.iter().all(Result::is_err) {
+            return handles.into_iter().map(|h| h.map(|_| ())).collect();
+        }
         handles
             .into_iter()
+            .flatten()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
                     Err(Error::Read {
@@ -809,7 +860,9 @@ impl UploadEngine<'_> {
     /// thread owns `keep_alive` and drops it last, so the mappings stay mapped until their
     /// registrations are gone. Every destination is complete when this returns.
     ///
-    /// Returns the thread, for a caller that wants to wait (tests); dropping it detaches.
+    /// Returns the thread, for a caller that wants to wait (tests); dropping it detaches. When
+    /// no thread can start (a process short of memory), the cleanup is done here and `None`
+    /// returned.
     ///
     /// # Safety
     /// `keep_alive` must keep mapped every map handed to [`upload`](Self::upload) until it is
@@ -818,20 +871,39 @@ impl UploadEngine<'_> {
     pub unsafe fn finish_in_background<K: Send + 'static>(
         mut self,
         keep_alive: K,
-    ) -> std::thread::JoinHandle<()> {
+    ) -> Option<std::thread::JoinHandle<()>> {
         if !self.in_flight.is_empty() && self.flush().is_err() {
             std::mem::forget(std::mem::take(&mut self.in_flight));
         }
         let releaser = self.releaser.take();
         let staging = std::mem::take(&mut self.staging);
-        std::thread::spawn(move || {
-            if let Some((tx, handle)) = releaser {
-                drop(tx);
-                let _ = handle.join();
+        type Releaser = Option<(
+            std::sync::mpsc::Sender<Vec<HostRegion>>,
+            std::thread::JoinHandle<()>,
+        )>;
+        // Shared, because a thread that fails to start drops what it was given.
+        type Cleanup<K> = std::sync::Mutex<Option<(Releaser, Vec<PinnedBuffer>, K)>>;
+        fn run<K>(cleanup: &Cleanup<K>) {
+            let taken = cleanup.lock().ok().and_then(|mut c| c.take());
+            if let Some((releaser, staging, keep_alive)) = taken {
+                if let Some((tx, handle)) = releaser {
+                    drop(tx);
+                    let _ = handle.join();
+                }
+                drop(staging);
+                drop(keep_alive);
             }
-            drop(staging);
-            drop(keep_alive);
-        })
+        }
+        let cleanup: Arc<Cleanup<K>> =
+            Arc::new(std::sync::Mutex::new(Some((releaser, staging, keep_alive))));
+        let theirs = Arc::clone(&cleanup);
+        match spawn("releasing registrations", move || run(&theirs)) {
+            Ok(handle) => Some(handle),
+            Err(_) => {
+                run(&cleanup);
+                None
+            }
+        }
     }
 }
 
@@ -882,7 +954,9 @@ fn register_and_copy(
                 .step_by(REGISTER_THREADS)
                 .collect();
             let ctx = ctx.clone();
-            scope.spawn(move || {
+            // Returning early drops the receivers: the threads already started stop at their
+            // next send, and the scope waits for them.
+            spawn_scoped(scope, "registration", move || {
                 for (s, e) in mine {
                     // SAFETY: [s, e) lies in `map`'s pages, which stay mapped for this
                     // call; regions are dropped (unregistered) after every stream is
@@ -905,7 +979,7 @@ fn register_and_copy(
                         break;
                     }
                 }
-            });
+            })?;
             receivers.push(rx);
         }
         for (i, &(chunk_start, chunk_end)) in chunks.iter().enumerate() {
@@ -1209,7 +1283,7 @@ mod tests {
                 let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 // SAFETY: the mapping lives until munmap at the end of the test, after the join.
                 let releasing = unsafe { engine.finish_in_background(Kept(dropped.clone())) };
-                releasing.join().unwrap();
+                releasing.expect("a thread").join().unwrap();
                 assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
             } else {
                 engine.finish();

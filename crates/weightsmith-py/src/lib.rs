@@ -53,17 +53,24 @@ fn run_polling<T: Send + 'static>(
     let (tx, rx) = channel::<Event<T>>();
     let worker = {
         let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut last = std::time::Instant::now();
-            let result = work(&mut |done, total, what| {
-                // At most 20 progress events a second reach Python.
-                if last.elapsed() >= Duration::from_millis(50) || done == total {
-                    last = std::time::Instant::now();
-                    let _ = tx.send(Event::Progress(done, total, what.to_string()));
-                }
-            });
-            let _ = tx.send(Event::Done(result));
-        })
+        std::thread::Builder::new()
+            .name("weightsmith call".into())
+            .spawn(move || {
+                let mut last = std::time::Instant::now();
+                let result = work(&mut |done, total, what| {
+                    // At most 20 progress events a second reach Python.
+                    if last.elapsed() >= Duration::from_millis(50) || done == total {
+                        last = std::time::Instant::now();
+                        let _ = tx.send(Event::Progress(done, total, what.to_string()));
+                    }
+                });
+                let _ = tx.send(Event::Done(result));
+            })
+            .map_err(|e| {
+                Error::new_err(format!(
+                    "cannot start a thread for the call: {e} (out of memory or of threads?)"
+                ))
+            })?
     };
     drop(tx);
     let rx = std::sync::Mutex::new(rx);

@@ -366,25 +366,33 @@ pub fn merge(
     let outcome = std::thread::scope(|scope| -> Result<()> {
         let producer = {
             let (jobs, gpu, read_ahead, cancelled) = (&jobs, gpu.as_ref(), &read_ahead, &cancelled);
-            scope.spawn(move || -> Result<()> {
-                for (i, job) in jobs.iter().enumerate() {
-                    read_ahead.reached(i);
-                    let produced = produce_job(job, out_dtype, gpu, cancelled, &pool_rx, &piece_tx)
-                        .map_err(|e| match e {
-                            Error::Kernel(source) => Error::Merge {
-                                tensor: job.spec.name.clone(),
-                                source,
-                            },
-                            other => other,
-                        })?;
-                    match produced {
-                        Some(stats) if piece_tx.send(Piece::End(stats)).is_ok() => {}
-                        // The writer hung up (a write failed): it reports the error.
-                        _ => break,
+            std::thread::Builder::new()
+                .name("weightsmith merge".into())
+                .spawn_scoped(scope, move || -> Result<()> {
+                    for (i, job) in jobs.iter().enumerate() {
+                        read_ahead.reached(i);
+                        let produced =
+                            produce_job(job, out_dtype, gpu, cancelled, &pool_rx, &piece_tx)
+                                .map_err(|e| match e {
+                                    Error::Kernel(source) => Error::Merge {
+                                        tensor: job.spec.name.clone(),
+                                        source,
+                                    },
+                                    other => other,
+                                })?;
+                        match produced {
+                            Some(stats) if piece_tx.send(Piece::End(stats)).is_ok() => {}
+                            // The writer hung up (a write failed): it reports the error.
+                            _ => break,
+                        }
                     }
-                }
-                Ok(())
-            })
+                    Ok(())
+                })
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "cannot start the merge's thread: {e} (out of memory or of threads?)"
+                    ))
+                })?
         };
         let pool_tx = pool_tx;
         let written = (|| -> Result<()> {
