@@ -221,26 +221,28 @@ fn plan_document() {
     );
 }
 
+/// `merge` of the shipped Llama and LoRA into `out`, then `extra`.
+fn merge_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "merge",
+        "--base",
+        "fixtures/models/tiny-llama",
+        "--adapter",
+        "fixtures/adapters/llama-lora/adapter",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
 fn merge_document() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
     check(
         "merge",
-        json_of(
-            &[
-                "merge",
-                "--base",
-                "fixtures/models/tiny-llama",
-                "--adapter",
-                "fixtures/adapters/llama-lora/adapter",
-                "--out",
-                out.to_str().unwrap(),
-                "--verify",
-                "--json",
-            ],
-            tmp.path(),
-        ),
+        json_of(&merge_args(&out, &["--verify", "--json"]), tmp.path()),
         &tmp_normaliser(tmp.path()),
     );
 }
@@ -274,22 +276,18 @@ fn publish_documents() {
         host_bytes: &[],
     };
     let merge_push = json_of(
-        &[
-            "merge",
-            "--base",
-            "fixtures/models/tiny-llama",
-            "--adapter",
-            "fixtures/adapters/llama-lora/adapter",
-            "--out",
-            out.to_str().unwrap(),
-            "--push-to",
-            "me/tiny-merged",
-            "--endpoint",
-            &server.endpoint,
-            "--token",
-            TOKEN,
-            "--json",
-        ],
+        &merge_args(
+            &out,
+            &[
+                "--push-to",
+                "me/tiny-merged",
+                "--endpoint",
+                &server.endpoint,
+                "--token",
+                TOKEN,
+                "--json",
+            ],
+        ),
         tmp.path(),
     );
     check("merge-push", merge_push, &norm);
