@@ -12,7 +12,7 @@ if [ "${1:-}" = "--build" ]; then
   # The tests whose behaviour changes with a GPU present (the carried tree must stay small).
   # kernel_on_host runs every merge-kernel case on the GPU too when one is present.
   cargo test --no-run -p gpu-mem -p lora-kernels -p weightsmith-tests 2>&1 | grep -o '(target/[^)]*)' | tr -d '()' \
-    | grep -E 'gpu_mem-|kernel_on_host-|cli_load-|cli_plan-|cli_merge-|merge_fixtures-|quantized-|arch_matrix-' | while read -r exe; do cp "$exe" .bin/tests/; done
+    | grep -E 'gpu_mem-|kernel_on_host-|alloc_failure-|cli_load-|cli_plan-|cli_merge-|merge_fixtures-|quantized-|arch_matrix-' | while read -r exe; do cp "$exe" .bin/tests/; done
   strip .bin/weightsmith .bin/tests/*
   ls .bin/tests
   exit 0

@@ -199,7 +199,9 @@ def load(
             :func:`plan` (perhaps edited) or an accelerate device_map (module name → GPU index
             or ``"cpu"``) places each layer where it says, checked against each device's free
             memory first. A layer is placed whole, with its KV cache.
-        progress: called as ``progress(done_bytes, total_bytes, file)``.
+        progress: called as ``progress(done_bytes, total_bytes, file)``, at most 20 times a
+            second: ``(0, total, "")`` while buffers are allocated after the plan, then before
+            a file's copy, and last ``(total, total, "")``.
         as_torch: return ``torch.Tensor``s (default: when torch is installed).
         **options: any other flag of ``weightsmith load`` (``reserve=...``, ``cache_seq_len=...``).
 

@@ -187,15 +187,29 @@ fn progress_names_the_file_units_and_devices() {
         },
     )
     .unwrap();
-    assert_eq!(seen.len(), 4, "one call per file and a final one: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        5,
+        "one call before allocating, one per file and a final one: {seen:?}"
+    );
     let device = loaded.tensors[0].device.to_string();
-    assert_eq!(seen[0].0, "model-00001-of-00003.safetensors");
+    // Before allocating: the whole plan, every unit with its device.
+    assert_eq!(seen[0].0, "");
     assert!(
-        seen[0].1.starts_with("embedding") && seen[0].1.ends_with(&format!("→ {device}")),
+        seen[0].1.starts_with("embedding")
+            && seen[0].1.ends_with(&format!(
+                "head → {}",
+                loaded.tensor("lm_head.weight").unwrap().device
+            )),
+        "{seen:?}"
+    );
+    assert_eq!(seen[1].0, "model-00001-of-00003.safetensors");
+    assert!(
+        seen[1].1.starts_with("embedding") && seen[1].1.ends_with(&format!("→ {device}")),
         "{seen:?}"
     );
     assert_eq!(
-        seen[3].2, seen[3].3,
+        seen[4].2, seen[4].3,
         "the last call reports every byte done"
     );
     assert!(seen.windows(2).all(|w| w[0].2 <= w[1].2));

@@ -6,7 +6,9 @@
 use std::sync::Mutex;
 
 use weightsmith::hub_publish::Event;
-use weightsmith::{load, merge, publish, LoadOptions, MergeDevice, MergeOptions, PublishOptions};
+use weightsmith::{
+    load, merge, publish, LoadOptions, LoadStage, MergeDevice, MergeOptions, PublishOptions,
+};
 use weightsmith_tests::fixture;
 use weightsmith_tests::hub_server::{HubServer, Transfer};
 
@@ -60,23 +62,42 @@ fn load_progress_names_each_file_before_its_copy() {
         ..LoadOptions::default()
     };
     let mut events: Vec<(String, u64, u64)> = Vec::new();
+    let mut stages: Vec<LoadStage> = Vec::new();
+    let mut allocating_units = String::new();
     let model = load(fixture("models/tiny-llama"), &options, &mut |p| {
+        if p.stage == LoadStage::Allocating {
+            allocating_units = p.units.to_string();
+        }
+        stages.push(p.stage);
         events.push((p.file.to_string(), p.bytes_done, p.bytes_total))
     })
     .unwrap();
     let files: Vec<String> = events.iter().map(|e| e.0.clone()).collect();
-    // One event per file before its copy, then one with no file when every byte is in place.
+    // One event once the plan is made, before any buffer is allocated, naming every unit and
+    // its device; one per file before its copy; one with no file when every byte is in place.
+    assert_eq!(
+        stages,
+        [
+            LoadStage::Allocating,
+            LoadStage::Copying,
+            LoadStage::Copying,
+            LoadStage::Copying,
+            LoadStage::Copied
+        ]
+    );
     assert_eq!(
         files,
         [
+            "",
             "model-00001-of-00003.safetensors",
             "model-00002-of-00003.safetensors",
             "model-00003-of-00003.safetensors",
             ""
         ]
     );
-    assert_eq!(events[0].1, 0);
-    assert!(events.windows(2).all(|w| w[1].1 > w[0].1));
+    assert_eq!(allocating_units, "embedding, layers.0-2, norm, head → host");
+    assert_eq!((events[0].1, events[1].1), (0, 0));
+    assert!(events[1..].windows(2).all(|w| w[1].1 > w[0].1));
     let total = model.report.weight_bytes;
     assert!(events.iter().all(|e| e.2 == total), "{events:?}");
     assert_eq!(events.last().unwrap().1, total);

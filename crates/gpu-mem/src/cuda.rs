@@ -159,9 +159,14 @@ impl DeviceAlloc {
         let mut ptr = 0;
         // SAFETY: context current; `ptr` is a valid out pointer. Zero-byte tensors get one byte
         // so every tensor has a distinct, valid address.
-        check("cuMemAlloc", unsafe {
-            sys::cuMemAlloc_v2(&mut ptr, len.max(1))
-        })?;
+        // SAFETY: as above.
+        let r = unsafe { sys::cuMemAlloc_v2(&mut ptr, len.max(1)) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::DeviceAlloc {
+                bytes: len as u64,
+                code: format!("{r:?}"),
+            });
+        }
         Ok(DeviceAlloc {
             ptr,
             len,

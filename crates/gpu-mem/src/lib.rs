@@ -89,6 +89,10 @@ pub enum Error {
     Read { offset: u64, message: String },
     #[error("cannot allocate {} of host memory", format_bytes(*bytes))]
     HostAlloc { bytes: u64 },
+    /// `cuMemAlloc` refused: `code` is the driver's (`CUDA_ERROR_OUT_OF_MEMORY` when the
+    /// device has too little free memory, perhaps because another process took it).
+    #[error("cannot allocate {} of device memory: {code}", format_bytes(*bytes))]
+    DeviceAlloc { bytes: u64, code: String },
     #[error("cannot start a thread for {what}: {message} (out of memory or of threads?)")]
     Thread { what: &'static str, message: String },
     #[error("copy of {len} bytes at offset {offset} runs past a {size}-byte allocation")]
@@ -100,7 +104,7 @@ pub enum Error {
 }
 
 /// `1.50 GiB`, `16.00 MiB`, `512 bytes`: small requests are not rounded to `0.02 GiB`.
-fn format_bytes(b: u64) -> String {
+pub fn format_bytes(b: u64) -> String {
     match b {
         b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),

@@ -450,7 +450,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let loaded = crate::load(&args.plan.model, &options, &mut |p| {
                 bar.set_length(p.bytes_total);
                 bar.set_position(p.bytes_done);
-                bar.set_message(format!("{}: {}", p.file, p.units));
+                bar.set_message(match p.stage {
+                    crate::LoadStage::Allocating => format!("allocating: {}", p.units),
+                    _ => format!("{}: {}", p.file, p.units),
+                });
             });
             bar.finish_and_clear();
             let loaded = loaded?;

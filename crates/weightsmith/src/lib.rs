@@ -61,8 +61,8 @@ pub mod source;
 pub use device_map::DeviceMap;
 pub use inspect::{inspect, InspectOptions, InspectReport};
 pub use load::{
-    load, LoadOptions, LoadPhases, LoadReport, LoadedModel, LoadedQuantizedLinear,
-    LOAD_SCHEMA_VERSION,
+    load, LoadOptions, LoadPhases, LoadProgress, LoadReport, LoadStage, LoadedModel,
+    LoadedQuantizedLinear, LOAD_SCHEMA_VERSION,
 };
 pub use merge::{merge, MergeDevice, MergeOptions, MergeReport};
 pub use plan::{plan_checkpoint, PlanOptions, PlanReport};

@@ -200,11 +200,25 @@ impl LoadedModel {
     }
 }
 
-/// Progress of a load, for a bar or a GUI.
+/// What a load is doing when it reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadStage {
+    /// The plan is made; every buffer is about to be allocated (one event, `file` empty,
+    /// `units` the whole plan).
+    Allocating,
+    /// A file's bytes are being copied (one event before each file).
+    Copying,
+    /// Every byte is on its device (one last event, `file` and `units` empty).
+    Copied,
+}
+
+/// Progress of a load, for a bar or a GUI. The callback runs on the loading thread: the load
+/// waits for it.
 pub struct LoadProgress<'a> {
+    pub stage: LoadStage,
     pub bytes_done: u64,
     pub bytes_total: u64,
-    /// The file being copied.
+    /// The file being copied (empty outside [`LoadStage::Copying`]).
     pub file: &'a str,
     /// The units it feeds and their devices, e.g. `layers.0-7 → cuda:0, layers.8 → cuda:1`.
     pub units: &'a str,
@@ -284,12 +298,20 @@ pub fn load(
     let mut tensors: Vec<LoadedTensor> = Vec::with_capacity(checkpoint.tensors().len());
     let mut tensor_index: Vec<Option<usize>> = vec![None; checkpoint.tensors().len()];
     let mut caches = Vec::new();
+    let bytes_total: u64 = checkpoint.total_tensor_bytes();
+    progress(LoadProgress {
+        stage: LoadStage::Allocating,
+        bytes_done: 0,
+        bytes_total,
+        file: "",
+        units: &plan_summary(&layout, &plan),
+    });
     for (unit, planned) in layout.units.iter().zip(&plan.plan.units) {
         let device = device_of(planned.device);
         let fail = |e: gpu_mem::Error| Error::Load {
             unit: unit.name.clone(),
             device: device.to_string(),
-            message: e.to_string(),
+            message: alloc_failure(e, device, &contexts, &plan, planned.device),
         };
         for &t in &unit.tensors {
             let info = &checkpoint.tensors()[t];
@@ -319,7 +341,6 @@ pub fn load(
     let mut engine = UploadEngine::new(&ctx_list)?;
     engine.allow_register = !options.no_register;
     engine.staging_config = options.staging;
-    let bytes_total: u64 = checkpoint.total_tensor_bytes();
     let mut bytes_done = 0u64;
     let mut files = Vec::new();
     let mut per_device_bytes: HashMap<Device, u64> = HashMap::new();
@@ -343,6 +364,7 @@ pub fn load(
         let file_started = Instant::now();
         let units = units_of_file(&layout, &plan, checkpoint.tensors(), f);
         progress(LoadProgress {
+            stage: LoadStage::Copying,
             bytes_done,
             bytes_total,
             file: &shard.name,
@@ -389,6 +411,7 @@ pub fn load(
         bytes_done += pieces.iter().map(|p| p.len as u64).sum::<u64>();
     }
     progress(LoadProgress {
+        stage: LoadStage::Copied,
         bytes_done,
         bytes_total,
         file: "",
@@ -579,15 +602,67 @@ fn upload_failure(
     }
 }
 
+/// Every unit and its device, grouped: `embed, layers.0-15 → cuda:0; layers.16-31, lm_head → cuda:1`.
+fn plan_summary(layout: &st_io::ModelLayout, plan: &PlanReport) -> String {
+    describe_units(layout, plan, |_| true)
+}
+
+/// A failed allocation's message; a device allocation refused for want of memory also says
+/// how much the device has free now and how much the plan found, since the usual cause is
+/// another process taking memory between the plan and the load.
+fn alloc_failure(
+    e: gpu_mem::Error,
+    device: Device,
+    contexts: &HashMap<u32, Arc<Context>>,
+    plan: &PlanReport,
+    placement: Placement,
+) -> String {
+    let message = e.to_string();
+    let (gpu_mem::Error::DeviceAlloc { code, .. }, Device::Cuda(n), Placement::Device(d)) =
+        (&e, device, placement)
+    else {
+        return message;
+    };
+    if !code.contains("OUT_OF_MEMORY") {
+        return message;
+    }
+    let free_now = contexts
+        .get(&n)
+        .and_then(|c| c.mem_info().ok())
+        .map(|m| m.0);
+    let planned = plan.plan.devices.get(d);
+    match (free_now, planned) {
+        (Some(free), Some(p)) => format!(
+            "{message}; {device} has {} free now, the plan found {} free and placed {} there \
+             (did another process take memory after the plan? plan again, or load with a \
+             larger --reserve)",
+            gpu_mem::format_bytes(free),
+            gpu_mem::format_bytes(p.capacity_bytes),
+            gpu_mem::format_bytes(p.weight_bytes + p.cache_bytes),
+        ),
+        _ => message,
+    }
+}
+
 fn units_of_file(
     layout: &st_io::ModelLayout,
     plan: &PlanReport,
     tensors: &[st_io::TensorInfo],
     f: usize,
 ) -> String {
+    describe_units(layout, plan, |unit| {
+        unit.tensors.iter().any(|&t| tensors[t].file == f)
+    })
+}
+
+fn describe_units(
+    layout: &st_io::ModelLayout,
+    plan: &PlanReport,
+    include: impl Fn(&st_io::layout::PlacementUnit) -> bool,
+) -> String {
     let mut groups: Vec<(String, Vec<String>)> = Vec::new();
     for (unit, planned) in layout.units.iter().zip(&plan.plan.units) {
-        if !unit.tensors.iter().any(|&t| tensors[t].file == f) {
+        if !include(unit) {
             continue;
         }
         let device = match planned.device {
