@@ -25,8 +25,11 @@ status=0
 # check and names the test still running instead of eating the device call.
 for t in .bin/tests/*; do
   echo "== $(basename "$t")"
-  timeout 300 "$t" --test-threads 1 > /tmp/gpu-check.log 2>&1; rc=$?
-  grep -E "^test |test result|panicked" /tmp/gpu-check.log
+  rc=0
+  timeout 300 "$t" --test-threads 1 > /tmp/gpu-check.log 2>&1 || rc=$?
+  grep -E "^test |test result|panicked" /tmp/gpu-check.log || true
+  # A binary that failed before its tests ran (a crash, a panic outside a test) shows its end.
+  [ $rc = 0 ] || [ $rc = 124 ] || grep -q "test result" /tmp/gpu-check.log || tail -20 /tmp/gpu-check.log
   [ $rc = 124 ] && { echo "TIMED OUT after 300 s; its last output:"; tail -3 /tmp/gpu-check.log; }
   [ $rc = 0 ] || status=1
 done

@@ -81,9 +81,9 @@ fn device_memory_taken_after_the_plan_fails_naming_the_unit_frees_all_and_loads_
             );
         }
         free_hogged = ctx.mem_info().unwrap().0;
-        hog = Some(child);
+        hog = Some((child, out));
     });
-    let mut hog = hog.expect("the load reported its allocating stage");
+    let (mut hog, mut hog_out) = hog.expect("the load reported its allocating stage");
     let (unit, device, message) = load_error(match result {
         Ok(_) => panic!("loaded with {} free", free_hogged),
         Err(e) => e,
@@ -91,7 +91,9 @@ fn device_memory_taken_after_the_plan_fails_naming_the_unit_frees_all_and_loads_
     let free_after_failure = ctx.mem_info().unwrap().0;
     // Release the hog before any assertion can fail.
     drop(hog.stdin.take());
-    assert!(hog.wait().unwrap().success());
+    let mut rest = String::new();
+    hog_out.read_to_string(&mut rest).unwrap();
+    assert!(hog.wait().unwrap().success(), "the hog process: {rest}");
     assert_eq!((unit.as_str(), device.as_str()), ("layers.1", "cuda:0"));
     assert!(
         message.starts_with(

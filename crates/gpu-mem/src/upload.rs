@@ -856,7 +856,8 @@ impl UploadEngine<'_> {
 
     /// Waits for the copies still running, like [`finish`](Self::finish), but leaves the
     /// cleanup to a background thread: unregistering the files' pages (about 0.1 s for 16 GB
-    /// on an H200 machine, a fifth of a warm load) and freeing the staging buffers. That
+    /// on an H200 machine, a fifth of a warm load), freeing the staging buffers and destroying
+    /// the streams (driver calls that would wait for the unregistering). That
     /// thread owns `keep_alive` and drops it last, so the mappings stay mapped until their
     /// registrations are gone. Every destination is complete when this returns.
     ///
@@ -876,13 +877,21 @@ impl UploadEngine<'_> {
             std::mem::forget(std::mem::take(&mut self.in_flight));
         }
         let releaser = self.releaser.take();
-        let staging = std::mem::take(&mut self.staging);
+        // The streams too: destroying one is a driver call, which would wait for the
+        // unregistering (the driver serialises them), so the caller would wait after all.
+        let staging = (
+            std::mem::take(&mut self.staging),
+            std::mem::take(&mut self.streams),
+            std::mem::take(&mut self.staging_streams),
+        );
         type Releaser = Option<(
             std::sync::mpsc::Sender<Vec<HostRegion>>,
             std::thread::JoinHandle<()>,
         )>;
+        type Streams = Vec<(u32, Vec<Stream>)>;
+        type Buffers = (Vec<PinnedBuffer>, Streams, Streams);
         // Shared, because a thread that fails to start drops what it was given.
-        type Cleanup<K> = std::sync::Mutex<Option<(Releaser, Vec<PinnedBuffer>, K)>>;
+        type Cleanup<K> = std::sync::Mutex<Option<(Releaser, Buffers, K)>>;
         fn run<K>(cleanup: &Cleanup<K>) {
             let taken = cleanup.lock().ok().and_then(|mut c| c.take());
             if let Some((releaser, staging, keep_alive)) = taken {
