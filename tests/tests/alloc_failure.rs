@@ -4,7 +4,8 @@
 //!
 //! The moment is the load's own [`LoadStage::Allocating`] progress event, which the loading
 //! thread waits on: the plan is made, nothing is allocated yet. On a GPU another process (this
-//! test binary, started again as `hog_device_memory`) takes all but part of the free memory;
+//! test binary, started again as `hog_device_memory`) takes all but 1, 3 or 5 GiB of the free
+//! memory, so the failure comes at layer 0, 1 or 2;
 //! on the host the process's address-space limit is lowered. Both tests change process-wide
 //! state, so they take turns.
 
@@ -54,65 +55,69 @@ fn device_memory_taken_after_the_plan_fails_naming_the_unit_frees_all_and_loads_
         return;
     }
     let ctx = Context::new(0).unwrap();
-    // Each layer's cache is 2 GiB (16 Mi tokens): the hog leaves 3 GiB, so layer 0 and its
-    // cache fit and layer 1's cache does not.
+    // Each layer's cache is 2 GiB (16 Mi tokens). The hog leaves 1, 3 or 5 GiB: the weights
+    // and the caches of the layers before layer k fit, layer k's cache does not.
     let options = with_cache(4 << 20, 4);
-    let mut hog = None;
-    let mut free_hogged = 0;
-    let result = load(fixture("models/tiny-llama"), &options, &mut |p| {
-        if p.stage != LoadStage::Allocating {
-            return;
-        }
-        let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .args(["hog_device_memory", "--exact", "--ignored", "--nocapture"])
-            .env("WEIGHTSMITH_TEST_HOG_LEAVE", (3 * GIB).to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        while !line.starts_with("taken") {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "the hog process ended without taking memory"
-            );
-        }
-        free_hogged = ctx.mem_info().unwrap().0;
-        hog = Some((child, out));
-    });
-    let (mut hog, mut hog_out) = hog.expect("the load reported its allocating stage");
-    let (unit, device, message) = load_error(match result {
-        Ok(_) => panic!("loaded with {} free", free_hogged),
-        Err(e) => e,
-    });
-    let free_after_failure = ctx.mem_info().unwrap().0;
-    // Release the hog before any assertion can fail.
-    drop(hog.stdin.take());
-    let mut rest = String::new();
-    hog_out.read_to_string(&mut rest).unwrap();
-    assert!(hog.wait().unwrap().success(), "the hog process: {rest}");
-    assert_eq!((unit.as_str(), device.as_str()), ("layers.1", "cuda:0"));
-    assert!(
-        message.starts_with(
-            "cannot allocate 2.00 GiB of device memory: CUDA_ERROR_OUT_OF_MEMORY; cuda:0 has "
-        ),
-        "{message}"
-    );
-    assert!(
-        message.contains("the plan found") && message.contains("another process"),
-        "{message}"
-    );
-    // Everything allocated before the failure (layer 0's cache, 2 GiB, and the weights) is
-    // free again: the device has what it had when the hog had taken its share.
-    assert!(
-        free_after_failure + 64 * MIB >= free_hogged,
-        "{} MiB free after the failure, {} MiB before the allocation",
-        free_after_failure / MIB,
-        free_hogged / MIB
-    );
+    for k in 0..3u64 {
+        let leave = (2 * k + 1) * GIB;
+        let mut hog = None;
+        let mut free_hogged = 0;
+        let result = load(fixture("models/tiny-llama"), &options, &mut |p| {
+            if p.stage != LoadStage::Allocating {
+                return;
+            }
+            let exe = std::env::current_exe().unwrap();
+            let mut child = Command::new(exe)
+                .args(["hog_device_memory", "--exact", "--ignored", "--nocapture"])
+                .env("WEIGHTSMITH_TEST_HOG_LEAVE", leave.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            let mut out = BufReader::new(child.stdout.take().unwrap());
+            while !line.starts_with("taken") {
+                line.clear();
+                assert!(
+                    out.read_line(&mut line).unwrap() > 0,
+                    "the hog process ended without taking memory"
+                );
+            }
+            free_hogged = ctx.mem_info().unwrap().0;
+            hog = Some((child, out));
+        });
+        let (mut hog, mut hog_out) = hog.expect("the load reported its allocating stage");
+        let free_after_failure = ctx.mem_info().unwrap().0;
+        // Release the hog before any assertion can fail.
+        drop(hog.stdin.take());
+        let mut rest = String::new();
+        hog_out.read_to_string(&mut rest).unwrap();
+        assert!(hog.wait().unwrap().success(), "the hog process: {rest}");
+        let (unit, device, message) = load_error(match result {
+            Ok(_) => panic!("loaded with {} MiB free", free_hogged / MIB),
+            Err(e) => e,
+        });
+        eprintln!("{leave} bytes left: loading {unit} onto {device}: {message}");
+        assert_eq!((unit, device.as_str()), (format!("layers.{k}"), "cuda:0"));
+        assert!(
+            message.starts_with(
+                "cannot allocate 2.00 GiB of device memory: CUDA_ERROR_OUT_OF_MEMORY; cuda:0 has "
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("the plan found") && message.contains("another process"),
+            "{message}"
+        );
+        // Everything allocated before the failure (the weights, the caches of layers before
+        // k) is free again: the device has what it had once the hog had taken its share.
+        assert!(
+            free_after_failure + 64 * MIB >= free_hogged,
+            "{} MiB free after the failure, {} MiB before the allocation",
+            free_after_failure / MIB,
+            free_hogged / MIB
+        );
+    }
     // The same process loads the same model with the same plan, and reads every tensor back.
     let loaded = load(fixture("models/tiny-llama"), &options, &mut |_| {}).unwrap();
     assert_eq!(loaded.report.verified_tensors, Some(loaded.tensors.len()));
