@@ -18,7 +18,12 @@ use weightsmith_tests::{compare_with_reference, fixture};
 
 /// Every case folder of the matrix, by model_type.
 fn cases() -> Vec<(String, PathBuf)> {
-    let root = fixture("matrix");
+    cases_in("matrix")
+}
+
+/// Every case folder (one with a case.json) of a fixture folder, by model_type.
+fn cases_in(folder: &str) -> Vec<(String, PathBuf)> {
+    let root = fixture(folder);
     let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(&root)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -64,10 +69,48 @@ fn the_matrix_covers_at_least_25_architectures() {
 
 #[test]
 fn every_architecture_merges_to_peft_s_output() {
+    merges_to_peft_s_output(cases(), 25);
+}
+
+/// Multimodal models (scripts/fixtures/make_multimodal_fixtures.py): checkpoints keep the
+/// on-disk names of the classes that wrote them (`language_model.model.layers…`, Qwen2-VL's
+/// `model.layers…`), transformers renames them on loading and PEFT names the in-memory
+/// modules; the LoRA covers the vision tower and projector too. transformers loading our
+/// output is checked by tests/python/test_multimodal.py.
+#[test]
+fn every_multimodal_model_merges_to_peft_s_output() {
+    merges_to_peft_s_output(cases_in("multimodal"), 4);
+}
+
+/// Every multimodal base loads, the decoder's shape checks applied to the text model alone
+/// (the vision tower's attention has shapes of its own), and reads back equal to its file.
+#[test]
+fn every_multimodal_model_loads() {
+    for (name, dir) in cases_in("multimodal") {
+        let options = weightsmith::LoadOptions {
+            host_only: true,
+            verify: true,
+            ..weightsmith::LoadOptions::default()
+        };
+        let loaded = weightsmith::load(dir.join("base"), &options, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            loaded.report.verified_tensors,
+            Some(loaded.tensors.len()),
+            "{name}"
+        );
+    }
+}
+
+/// Our merge of each case against PEFT's output: the same files (plus our model card),
+/// config.json equal but for the dtype keys, generation config and tokenizer files as the
+/// base's, every tensor within 1 ulp of PEFT's.
+fn merges_to_peft_s_output(cases: Vec<(String, PathBuf)>, at_least: usize) {
+    assert!(cases.len() >= at_least, "{} cases", cases.len());
     let tmp = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     let mut table = Vec::new();
-    for (name, dir) in cases() {
+    for (name, dir) in cases {
         let out = tmp.path().join(&name);
         let options = MergeOptions {
             dtype: Some(Dtype::BF16),

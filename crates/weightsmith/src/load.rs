@@ -751,6 +751,15 @@ fn check_layers_alike(c: &Checkpoint) -> Result<()> {
 fn check_architecture(c: &Checkpoint, linears: &[st_io::QuantizedLinear]) -> Result<()> {
     check_layers_alike(c)?;
     let Some(cfg) = c.config() else { return Ok(()) };
+    let layout = c.layout();
+    // The head counts describe the decoder's layers: a multimodal model's vision tower has
+    // attention projections of its own shapes.
+    let in_decoder = |name: &str| match layout.layer_prefix.as_deref() {
+        Some(prefix) => name
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.')),
+        None => true,
+    };
     // Quantised attention projections have the dimensions the head counts imply too.
     if let (Some(heads), Some(kv), Some(hd), Some(h)) = (
         cfg.num_attention_heads,
@@ -758,7 +767,7 @@ fn check_architecture(c: &Checkpoint, linears: &[st_io::QuantizedLinear]) -> Res
         cfg.head_dim(),
         cfg.hidden_size,
     ) {
-        for l in linears {
+        for l in linears.iter().filter(|l| in_decoder(&l.module)) {
             let expected = if l.module.ends_with("self_attn.q_proj") {
                 Some((heads * hd, h))
             } else if l.module.ends_with("self_attn.k_proj")
@@ -778,7 +787,6 @@ fn check_architecture(c: &Checkpoint, linears: &[st_io::QuantizedLinear]) -> Res
             }
         }
     }
-    let layout = c.layout();
     // Attention projections have the shapes the head counts imply.
     if let (Some(heads), Some(kv), Some(hd), Some(h)) = (
         cfg.num_attention_heads,
@@ -786,7 +794,7 @@ fn check_architecture(c: &Checkpoint, linears: &[st_io::QuantizedLinear]) -> Res
         cfg.head_dim(),
         cfg.hidden_size,
     ) {
-        for t in c.tensors() {
+        for t in c.tensors().iter().filter(|t| in_decoder(&t.name)) {
             let expected = if t.name.ends_with("self_attn.q_proj.weight") {
                 Some([heads * hd, h])
             } else if t.name.ends_with("self_attn.k_proj.weight")

@@ -591,6 +591,79 @@ pub(crate) fn module_error(adapter: &LoraAdapter, module: &str, message: String)
 }
 
 /// Decides, for every output tensor, its source, dtype, shape and LoRA terms.
+/// The in-memory module of each on-disk module of a composite (multimodal) model, where
+/// transformers renames it on loading: checkpoints keep the layout of the classes that wrote
+/// them (`language_model.model.layers.0…`, `vision_tower.…`, Qwen2-VL's `model.layers.0…` and
+/// `visual.…`), while transformers 5 builds `model.language_model.…`, `model.vision_tower.…`,
+/// `model.visual.…` and `lm_head`, and PEFT names those. Empty for a model whose config.json
+/// has no `text_config` or `vision_config`. Two on-disk modules that would become one in
+/// memory are refused, naming both.
+fn composite_modules(base: &Checkpoint) -> Result<HashMap<String, String>> {
+    let composite = base.config().is_some_and(|c| {
+        ["text_config", "vision_config", "audio_config"]
+            .iter()
+            .any(|k| c.raw.get(*k).is_some_and(|v| v.is_object()))
+    });
+    let mut out: HashMap<String, String> = HashMap::new();
+    if !composite {
+        return Ok(out);
+    }
+    let mut taken: HashMap<String, String> = HashMap::new();
+    for t in base.tensors() {
+        let Some((module, _)) = t.name.rsplit_once('.') else {
+            continue;
+        };
+        if out.contains_key(module) {
+            continue;
+        }
+        let Some(memory) = composite_memory_module(module) else {
+            continue;
+        };
+        if base.tensor(&format!("{memory}.weight")).is_some() {
+            // The checkpoint already uses the in-memory names.
+            continue;
+        }
+        if let Some(other) = taken.insert(memory.clone(), module.to_string()) {
+            return Err(Error::Usage(format!(
+                "{}: \"{other}\" and \"{module}\" would both be \"{memory}\" once transformers \
+                 renames this multimodal checkpoint's modules; which one an adapter's \
+                 \"{memory}\" means is not clear",
+                base.root().display()
+            )));
+        }
+        out.insert(module.to_string(), memory);
+    }
+    Ok(out)
+}
+
+/// transformers' renaming of a composite model's on-disk module (see [`composite_modules`]).
+fn composite_memory_module(module: &str) -> Option<String> {
+    /// Sub-models directly under `model.` in memory.
+    const PARTS: &[&str] = &[
+        "language_model",
+        "vision_tower",
+        "visual",
+        "vision_model",
+        "multi_modal_projector",
+        "audio_tower",
+        "embed_vision",
+        "embed_audio",
+    ];
+    if let Some(rest) = module.strip_prefix("language_model.model.") {
+        return Some(format!("model.language_model.{rest}"));
+    }
+    if let Some(rest) = module.strip_prefix("language_model.lm_head") {
+        return Some(format!("lm_head{rest}"));
+    }
+    if let Some(rest) = module.strip_prefix("model.") {
+        let first = rest.split('.').next().unwrap_or(rest);
+        // Qwen2-VL and its kin keep the text model's modules under `model.` on disk.
+        return (!PARTS.contains(&first)).then(|| format!("model.language_model.{rest}"));
+    }
+    let first = module.split('.').next().unwrap_or(module);
+    PARTS.contains(&first).then(|| format!("model.{module}"))
+}
+
 fn plan_jobs<'a>(
     base: &'a Checkpoint,
     gptq: &'a [GptqLayer<'a>],
@@ -662,6 +735,7 @@ fn plan_jobs<'a>(
         .collect();
     names.extend(extra);
     let family = st_io::arch::family(base.config());
+    let composite = composite_modules(base)?;
     // Experts of each fused in-memory parameter, as the base stores them one by one on disk:
     // a LoRA on that parameter must cover exactly these.
     let experts_on_disk =
@@ -708,7 +782,8 @@ fn plan_jobs<'a>(
         };
         let disk_module = name.rsplit_once('.').map_or(name, |(m, _)| m);
         // transformers may rename a tensor on loading (Mixtral's `block_sparse_moe.gate` is
-        // `mlp.gate` in memory): PEFT names the in-memory module.
+        // `mlp.gate` in memory; a multimodal model's `language_model.model.layers` is
+        // `model.language_model.layers`): PEFT names the in-memory module.
         let memory_module = family
             .and_then(|f| st_io::arch::in_memory(f, name).ok().flatten())
             .filter(|p| p.block.is_none())
@@ -717,7 +792,8 @@ fn plan_jobs<'a>(
                 p.param
                     .strip_suffix(&format!(".{suffix}"))
                     .map(String::from)
-            });
+            })
+            .or_else(|| composite.get(disk_module).map(|m| m.to_string()));
         for (a, weight) in adapters {
             if let Some(term) =
                 crate::param_lora::parameter_term(a, family, name, &shape, &experts_on_disk)?
@@ -1281,6 +1357,39 @@ fn round_bits(v: f64, dtype: Dtype) -> u16 {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn composite_modules_are_renamed_as_transformers_loads_them() {
+        let m = |s: &str| composite_memory_module(s);
+        // LLaVA, Gemma 3, Mistral 3 and their kin.
+        assert_eq!(
+            m("language_model.model.layers.0.self_attn.q_proj").as_deref(),
+            Some("model.language_model.layers.0.self_attn.q_proj")
+        );
+        assert_eq!(m("language_model.lm_head").as_deref(), Some("lm_head"));
+        assert_eq!(
+            m("vision_tower.encoder.layers.1.mlp.fc1").as_deref(),
+            Some("model.vision_tower.encoder.layers.1.mlp.fc1")
+        );
+        assert_eq!(
+            m("multi_modal_projector.linear_1").as_deref(),
+            Some("model.multi_modal_projector.linear_1")
+        );
+        // Qwen2-VL: the text model under `model.` on disk, the vision model under `visual.`.
+        assert_eq!(
+            m("model.layers.0.mlp.up_proj").as_deref(),
+            Some("model.language_model.layers.0.mlp.up_proj")
+        );
+        assert_eq!(
+            m("visual.blocks.0.attn.qkv").as_deref(),
+            Some("model.visual.blocks.0.attn.qkv")
+        );
+        // Already in-memory names, and names no rule covers, stay as they are.
+        assert_eq!(m("model.language_model.layers.0.mlp.up_proj"), None);
+        assert_eq!(m("model.vision_tower.encoder.layers.0.mlp.fc1"), None);
+        assert_eq!(m("lm_head"), None);
+        assert_eq!(m("transformer.h.0.attn.c_attn"), None);
+    }
 
     fn rewrite(config: Value, dtype: Dtype, untie: bool, vocab: Option<u64>) -> Value {
         let bytes = serde_json::to_vec(&config).unwrap();
