@@ -602,7 +602,7 @@ fn upload_failure(
     }
 }
 
-/// Every unit and its device, grouped: `embed, layers.0-15 → cuda:0; layers.16-31, lm_head → cuda:1`.
+/// Every unit and its device, grouped: `embedding, layers.0-15 → cuda:0; layers.16-31, norm, head → cuda:1`.
 fn plan_summary(layout: &st_io::ModelLayout, plan: &PlanReport) -> String {
     describe_units(layout, plan, |_| true)
 }

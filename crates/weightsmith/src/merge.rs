@@ -590,27 +590,36 @@ pub(crate) fn module_error(adapter: &LoraAdapter, module: &str, message: String)
     .into()
 }
 
-/// Decides, for every output tensor, its source, dtype, shape and LoRA terms.
 /// The in-memory module of each on-disk module of a composite (multimodal) model, where
 /// transformers renames it on loading: checkpoints keep the layout of the classes that wrote
 /// them (`language_model.model.layers.0…`, `vision_tower.…`, Qwen2-VL's `model.layers.0…` and
 /// `visual.…`), while transformers 5 builds `model.language_model.…`, `model.vision_tower.…`,
 /// `model.visual.…` and `lm_head`, and PEFT names those. Empty for a model whose config.json
-/// has no `text_config` or `vision_config`. Two on-disk modules that would become one in
-/// memory are refused, naming both.
+/// has no `text_config`, `vision_config` or `audio_config`.
 fn composite_modules(base: &Checkpoint) -> Result<HashMap<String, String>> {
     let composite = base.config().is_some_and(|c| {
         ["text_config", "vision_config", "audio_config"]
             .iter()
             .any(|k| c.raw.get(*k).is_some_and(|v| v.is_object()))
     });
-    let mut out: HashMap<String, String> = HashMap::new();
     if !composite {
-        return Ok(out);
+        return Ok(HashMap::new());
     }
+    composite_renames(base.tensors().iter().map(|t| t.name.as_str()))
+        .map_err(|e| Error::Usage(format!("{}: {e}", base.root().display())))
+}
+
+/// [`composite_modules`] over the checkpoint's tensor names. A module whose in-memory name
+/// the checkpoint already has keeps its name; two on-disk modules that would become one in
+/// memory are refused, naming both.
+fn composite_renames<'a>(
+    names: impl Iterator<Item = &'a str> + Clone,
+) -> std::result::Result<HashMap<String, String>, String> {
+    let present: std::collections::HashSet<&str> = names.clone().collect();
+    let mut out: HashMap<String, String> = HashMap::new();
     let mut taken: HashMap<String, String> = HashMap::new();
-    for t in base.tensors() {
-        let Some((module, _)) = t.name.rsplit_once('.') else {
+    for name in names {
+        let Some((module, _)) = name.rsplit_once('.') else {
             continue;
         };
         if out.contains_key(module) {
@@ -619,17 +628,15 @@ fn composite_modules(base: &Checkpoint) -> Result<HashMap<String, String>> {
         let Some(memory) = composite_memory_module(module) else {
             continue;
         };
-        if base.tensor(&format!("{memory}.weight")).is_some() {
-            // The checkpoint already uses the in-memory names.
+        if present.contains(format!("{memory}.weight").as_str()) {
             continue;
         }
         if let Some(other) = taken.insert(memory.clone(), module.to_string()) {
-            return Err(Error::Usage(format!(
-                "{}: \"{other}\" and \"{module}\" would both be \"{memory}\" once transformers \
+            return Err(format!(
+                "\"{other}\" and \"{module}\" would both be \"{memory}\" once transformers \
                  renames this multimodal checkpoint's modules; which one an adapter's \
-                 \"{memory}\" means is not clear",
-                base.root().display()
-            )));
+                 \"{memory}\" means is not clear"
+            ));
         }
         out.insert(module.to_string(), memory);
     }
@@ -664,6 +671,7 @@ fn composite_memory_module(module: &str) -> Option<String> {
     PARTS.contains(&first).then(|| format!("model.{module}"))
 }
 
+/// Decides, for every output tensor, its source, dtype, shape and LoRA terms.
 fn plan_jobs<'a>(
     base: &'a Checkpoint,
     gptq: &'a [GptqLayer<'a>],
@@ -1389,6 +1397,43 @@ mod tests {
         assert_eq!(m("model.vision_tower.encoder.layers.0.mlp.fc1"), None);
         assert_eq!(m("lm_head"), None);
         assert_eq!(m("transformer.h.0.attn.c_attn"), None);
+    }
+
+    #[test]
+    fn composite_renames_keep_in_memory_names_and_refuse_two_modules_becoming_one() {
+        let renames = composite_renames(
+            [
+                "language_model.model.layers.0.mlp.up_proj.weight",
+                "language_model.model.layers.0.mlp.up_proj.bias",
+                "vision_tower.encoder.layers.0.mlp.fc1.weight",
+                "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+            ]
+            .into_iter(),
+        )
+        .unwrap();
+        assert_eq!(
+            renames,
+            HashMap::from([(
+                "language_model.model.layers.0.mlp.up_proj".to_string(),
+                "model.language_model.layers.0.mlp.up_proj".to_string()
+            )]),
+            "a module whose in-memory name is in the checkpoint too keeps its own"
+        );
+        let e = composite_renames(
+            [
+                "language_model.model.layers.0.mlp.up_proj.weight",
+                "model.layers.0.mlp.up_proj.weight",
+            ]
+            .into_iter(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "\"language_model.model.layers.0.mlp.up_proj\" and \"model.layers.0.mlp.up_proj\" would \
+             both be \"model.language_model.layers.0.mlp.up_proj\" once transformers renames this \
+             multimodal checkpoint's modules; which one an adapter's \
+             \"model.language_model.layers.0.mlp.up_proj\" means is not clear"
+        );
     }
 
     fn rewrite(config: Value, dtype: Dtype, untie: bool, vocab: Option<u64>) -> Value {
